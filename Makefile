@@ -1,0 +1,48 @@
+# The two commands of the README: `make demo` (the main job on the embedded data) and `make test`.
+# Both set everything up from a fresh clone: `make setup` creates .venv when it is missing.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The torch build to install into .venv. The default is the CUDA 13.0 build that also runs on a CPU-only machine;
+# GPU machines may override it (setup.py itself only requires torch>=2.4).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# nvcc lives here on our machines; torch's own guess fails to link -lcudart.
+CUDA_HOME ?= /usr/local/cuda
+export CUDA_HOME
+MAX_JOBS ?= 2
+export MAX_JOBS
+DATA ?= data/embedded
+RUN_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo data bench clean
+
+# Re-run the editable install (and so the extension build) whenever the build inputs change.
+$(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip wheel "setuptools>=64" ninja
+	$(PIP) install --quiet $(TORCH_SPEC)
+	# --no-build-isolation: build the extension against the torch just installed, not a fresh download.
+	$(PIP) install --no-build-isolation -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+data: setup
+	$(PY) -m tokpost_fast.data.embedded --out data/embedded
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/quantize_bench.py --quick
+
+# main -> gen -> cache -> post -> evaluate before / after -> RUN_DIR/report.md (tokpost_fast/pipeline.py); builds
+# the embedded data when DATA is the missing data/embedded; a re-run skips the finished stages.
+demo: setup
+	$(PY) -m tokpost_fast.pipeline --config configs/demo.yaml --run-dir $(RUN_DIR) --data $(DATA)
+
+clean:
+	rm -rf build *.egg-info tokpost_fast/_C*.so runs

@@ -1,0 +1,147 @@
+"""Stage `gen`: token extraction (tokenizer.encode on images and flips, cached with the tokenizer hash) and a
+2-rank DeepSpeed ZeRO run on the CPU (gloo) that resumes to exactly the weights of a straight run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tokpost_fast.config import load_config
+from tokpost_fast.data import build_loader
+from tokpost_fast.models.generator import load_generator
+from tokpost_fast.models.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, tokenizer_config
+from tokpost_fast.sample import file_sha256
+from tokpost_fast.sample import main as sample_main
+from tokpost_fast.stages.common import DistInfo
+from tokpost_fast.stages.gen import GenStageConfig, extract_tokens
+
+REPO = Path(__file__).resolve().parents[2]
+TOKENIZER = dict(image_size=32, codebook_size=64, codebook_embed_dim=8, width=32, depth=1, heads=2, patch_size=8,
+                 num_latent_tokens=16)        # 32x32 images -> 4x4 tokens, K = 64
+
+
+def write_config(path: Path, data_root: Path, **gen) -> Path:
+    gen_yaml = "\n".join(f"  {k}: {v}" for k, v in gen.items())
+    path.write_text(textwrap.dedent(f"""\
+        data: {{root: {data_root}, image_size: 32, batch_size: 4, num_workers: 0, backend: torch}}
+        tokenizer: {{{", ".join(f"{k}: {v}" for k, v in TOKENIZER.items())}}}
+        perturb: {{delta: 8, beta: 0.0}}
+        gen:
+          preset: demo
+          model: {{width: 32, depth: 2, heads: 2}}
+          global_batch_size: 8
+          epochs: 3
+          warmup_epochs: 0.5
+          log_interval: 1
+          ckpt_interval: 2
+          sample_classes: 2
+          sample_images: 2
+          extract_batch_size: 8
+        """) + gen_yaml + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """3 classes x 6 random 32x32 images, and a tiny random tokenizer."""
+    root = tmp_path_factory.mktemp("gen")
+    g = torch.Generator().manual_seed(0)
+    for c in range(3):
+        (root / "data" / f"class{c}").mkdir(parents=True)
+        for i in range(6):
+            pixels = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / "data" / f"class{c}" / f"img{i}.png")
+    torch.manual_seed(0)
+    save_tokenizer(build_tokenizer(tokenizer_config("demo", **TOKENIZER)), str(root / "tokenizer.pt"))
+    return root
+
+
+def new_run(setup: Path, name: str) -> Path:
+    run = setup / name
+    run.mkdir()
+    (run / "tokenizer.pt").write_bytes((setup / "tokenizer.pt").read_bytes())
+    return run
+
+
+def test_gen_config_checks():
+    with pytest.raises(ValueError, match="vocab_size"):
+        GenStageConfig(model={"vocab_size": 10})          # comes from the tokenizer
+    with pytest.raises(ValueError, match="cond"):
+        GenStageConfig(model={"cond": "cross"})          # the model's own checks run at config time
+    with pytest.raises(ValueError, match="preset"):
+        GenStageConfig(preset="XXL")
+    with pytest.raises(ValueError, match="zero_stage"):
+        GenStageConfig(zero_stage=3)
+
+
+def test_extract_tokens_encodes_images_and_flips_and_caches(setup):
+    run = new_run(setup, "extract")
+    cfg = load_config(write_config(run / "cfg.yaml", setup / "data"))
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    tokenizer = load_tokenizer(str(run / "tokenizer.pt")).eval()
+    digest = file_sha256(run / "tokenizer.pt")
+    cache = extract_tokens(cfg, run, tokenizer, digest, info, "fp32")
+    assert cache["tokens"].shape == (18, 2, 4, 4) and cache["num_classes"] == 3 and cache["tokenizer_hash"] == digest
+    images, labels, indices = next(iter(build_loader(cfg.data, train=False)))[:3]
+    with torch.no_grad():
+        assert torch.equal(cache["tokens"][indices, 0].long(), tokenizer.encode(images))
+        assert torch.equal(cache["tokens"][indices, 1].long(), tokenizer.encode(images.flip(-1)))
+    assert torch.equal(cache["labels"][indices], labels)
+    path = run / "tokens" / "tokens.pt"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["tokens.pt"]      # part files merged and removed
+    stamp = path.stat().st_mtime_ns
+    extract_tokens(cfg, run, tokenizer, digest, info, "fp32")
+    assert path.stat().st_mtime_ns == stamp                                    # same tokenizer: reused
+    other = extract_tokens(cfg, run, tokenizer, "another-tokenizer", info, "fp32")
+    assert other["tokenizer_hash"] == "another-tokenizer" and path.stat().st_mtime_ns != stamp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(run: Path, config: Path, *extra: str) -> None:
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), "tokpost_fast/train.py",
+           "--stage", "gen", "--config", str(config), "--run-dir", str(run), *extra]
+    # one intra-op thread per rank: two ranks share the two cores of the CI machine
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not Path(sys.executable).with_name("deepspeed").exists(), reason="deepspeed launcher missing")
+def test_two_rank_run_resumes_to_the_straight_run(setup, tmp_path):
+    config = write_config(tmp_path / "cfg.yaml", setup / "data")
+    cut, straight = new_run(setup, "cut"), new_run(setup, "straight")
+    launch(cut, config, "--max-steps", "2")
+    assert (cut / "gen" / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    launch(cut, config, "--resume")
+    launch(straight, config)
+
+    resumed, reference = (torch.load(r / "generator.pt", weights_only=True) for r in (cut, straight))
+    assert resumed["step"] == reference["step"] == 6                          # 3 epochs x 18 // 8 steps
+    assert resumed["tokenizer_hash"] == file_sha256(cut / "tokenizer.pt")
+    for key, value in reference["model"].items():                             # fp32 on the CPU: bit-exact
+        assert torch.equal(resumed["model"][key], value), key
+    gpt = load_generator(cut / "generator.pt")
+    assert (gpt.config.vocab_size, gpt.config.seq_len, gpt.config.num_classes) == (64, 16, 3)
+
+    rows = [json.loads(line) for line in (cut / "gen" / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]                                       # resumed log reads as one run
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+    assert (cut / "gen" / "samples" / "step-00000006.png").is_file()
+    sample_main(["--run-dir", str(cut), "--classes", "0,1", "--num", "2", "--out", str(tmp_path / "grid.png")])
+    assert Image.open(tmp_path / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)

@@ -1,0 +1,82 @@
+"""Evaluate a run: rFID, pFID, gFID, IS, precision / recall (SPEC A3, B3).
+
+    python -m tokpost_fast.evaluate --run-dir runs/demo [--metrics rfid,pfid,gfid,is,prec,rec] [--num N]
+        [--pfid-alpha 1.0 --pfid-delta 100] [--pfid-curve] [--inception-weights pt_inception-2015-12-05-6726825d.pth]
+        [--tokenizer PATH] [--generator PATH] [--config configs/demo.yaml]
+
+Writes RUN_DIR/metrics.json (or --out) and prints a table. Without --inception-weights every number comes from an
+offline proxy feature net and is labelled `proxy` (key names and table header): it ranks models, it is not paper
+FID. The Python API is tokpost_fast.metrics.evaluate_run / pfid_curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from tokpost_fast.metrics.config import DEFAULT_METRICS, METRICS
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tokpost_fast.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--run-dir", required=True, help="the run directory (tokenizer.pt, generator.pt, config.yaml)")
+    p.add_argument("--metrics", default=None,
+                   help=f"comma-separated, from {','.join(METRICS)} (default: {','.join(DEFAULT_METRICS)})")
+    p.add_argument("--num", type=int, default=None, help="real images: the first N of the evaluation split")
+    p.add_argument("--num-generated", type=int, default=None, help="generator samples (default: as many as real)")
+    p.add_argument("--pfid-alpha", type=float, default=None, help="pFID perturbation rate (default 1.0)")
+    p.add_argument("--pfid-delta", type=int, default=None, help="pFID neighbourhood size (default min(100, K))")
+    p.add_argument("--pfid-seed", type=int, default=None, help="pFID perturbation seed (default 0)")
+    p.add_argument("--pfid-curve", action="store_true",
+                   help="also pFID at alpha 0, 0.25, 0.5, 0.75, 1 -> RUN_DIR/pfid_curve.png + .json")
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="the FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth); default: offline proxy")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer checkpoint (default RUN_DIR/tokenizer.pt), or llamagen:PATH for a LlamaGen VQ file")
+    p.add_argument("--generator", default=None, help="generator checkpoint (default RUN_DIR/generator.pt)")
+    p.add_argument("--config", default=None, help="run config YAML (default RUN_DIR/config.yaml)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--stats-dir", default=None, help="real-image statistics cache (default RUN_DIR/fid_stats)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="generator guidance scale g")
+    p.add_argument("--cfg-power", type=float, default=None, help="guidance schedule power p")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--gen-seed", type=int, default=None)
+    p.add_argument("--out", default=None, help="metrics file (default RUN_DIR/metrics.json)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    from tokpost_fast.metrics.run import evaluate_run
+
+    tokenizer = args.tokenizer
+    if tokenizer is not None and tokenizer.startswith("llamagen:"):
+        from tokpost_fast.stages.external_tokenizer import image_size_of_run, load_tokenizer_spec
+
+        tokenizer = load_tokenizer_spec(tokenizer, image_size_of_run(args.run_dir, args.config))
+    return evaluate_run(
+        args.run_dir, metrics=args.metrics, num=args.num, num_generated=args.num_generated,
+        pfid_alpha=args.pfid_alpha, pfid_delta=args.pfid_delta, pfid_seed=args.pfid_seed, pfid_curve=args.pfid_curve,
+        inception_weights=args.inception_weights, tokenizer=tokenizer, generator=args.generator,
+        config=args.config, batch_size=args.batch_size, device=args.device, stats_dir=args.stats_dir,
+        cfg_scale=args.cfg_scale, cfg_power=args.cfg_power, temperature=args.temperature, gen_seed=args.gen_seed,
+        out=args.out, progress=not args.no_progress,
+    )
+
+
+def _cli() -> int:
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:
+        # bad input (too few images, mixed sizes, a wrong weights file, ...): one line naming the problem
+        print(f"evaluate: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())

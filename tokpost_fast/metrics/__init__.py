@@ -1,0 +1,35 @@
+"""Evaluation (SPEC A3, B3): rFID, pFID, gFID, IS, precision / recall on torch-fidelity.
+
+torch-fidelity does the feature extraction (its "inception-v3-compat" FID Inception, or our registered offline
+proxy "tokpost-proxy-v1") and the statistics; this package adds what it cannot do: decoding token batches (clean,
+perturbed, generated) into images, and caching real-image statistics per dataset and extractor.
+CLI: `python -m tokpost_fast.evaluate`.
+
+Names are imported lazily, so `from tokpost_fast.metrics.config import EvalConfig` (the run config's `eval`
+section) does not pull in torch-fidelity.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "config": ("DEFAULT_METRICS", "METRICS", "EvalConfig"),
+    "extractor": ("INCEPTION_NAME", "PROXY_NAME", "ExtractorInfo", "ProxyFeatureExtractor", "build_extractor",
+                  "check_inception_weights"),
+    "features": ("FIDStats", "extract_features", "fid_between", "fid_statistics", "frechet_distance",
+                 "images_to_uint8"),
+    "pfid": ("PFID_CURVE_ALPHAS", "Perturbation", "decode_features", "default_delta"),
+    "run": ("evaluate_run", "pfid_curve"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f"tokpost_fast.metrics.{_MODULE_OF[name]}"), name)
+    raise AttributeError(f"module 'tokpost_fast.metrics' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,51 @@
+"""The `eval` section of a run config (tokpost_fast.config.Config.eval): defaults for `python -m tokpost_fast.evaluate`.
+Command-line flags override it; every field is reported in DIR/metrics.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+METRICS = ("rfid", "pfid", "gfid", "is", "prec", "rec", "kid")
+DEFAULT_METRICS = ("rfid", "pfid", "gfid", "is", "prec", "rec")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (tokpost_fast.metrics)."""
+
+    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
+    num: Optional[int] = None          # real images (the first N of the evaluation split); None: all of them
+    num_generated: Optional[int] = None  # generator samples for gFID / IS / prec / rec; None: as many as real
+    batch_size: int = 32
+    pfid_alpha: float = 1.0            # SPEC A7: the training values, reported next to every pFID
+    pfid_delta: Optional[int] = None   # None: min(100, K)
+    pfid_seed: int = 0
+    # generator sampling (SPEC A4): guidance scale g, schedule power p, temperature T
+    cfg_scale: float = 1.0
+    cfg_power: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    gen_seed: int = 0
+    inception_weights: Optional[str] = None  # the FID Inception weights; None: the offline proxy
+    stats_dir: Optional[str] = None    # real-image statistics cache; None: RUN_DIR/fid_stats
+
+    def __post_init__(self) -> None:
+        self.metrics = [m.strip().lower() for m in self.metrics]
+
+        def check(name: str, ok: bool, why: str) -> None:
+            if not ok:
+                raise ValueError(f"eval.{name}={getattr(self, name)!r}: {why}")
+
+        unknown = [m for m in self.metrics if m not in METRICS]
+        check("metrics", not unknown, f"unknown {unknown}; choose from {', '.join(METRICS)}")
+        check("num", self.num is None or self.num >= 2, "FID needs at least 2 images")
+        check("num_generated", self.num_generated is None or self.num_generated >= 2, "FID needs at least 2 images")
+        check("batch_size", self.batch_size >= 1, "must be >= 1")
+        check("pfid_alpha", 0.0 <= self.pfid_alpha <= 1.0, "must be in [0, 1]")
+        check("pfid_delta", self.pfid_delta is None or self.pfid_delta >= 1, "must be None or >= 1")
+        check("pfid_seed", 0 <= self.pfid_seed < 2**63, "must be in [0, 2**63)")
+        check("temperature", self.temperature >= 0, "must be >= 0")
+        check("top_k", self.top_k >= 0, "must be >= 0")
+        check("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]")

@@ -1,0 +1,203 @@
+"""Feature extractors for FID / IS / precision-recall, through torch-fidelity's own registry.
+
+Two extractors, one interface (torch_fidelity.feature_extractor_base.FeatureExtractorBase: uint8 [B, 3, H, W] in,
+a tuple of float32 feature tensors out):
+- "inception-v3-compat": torch-fidelity's port of the TF FID Inception-v3 (2048-d pool features, 1008 logits).
+  It needs the standard FID weights file (pt_inception-2015-12-05-6726825d.pth, the same bytes torch-fidelity
+  hosts as weights-inception-2015-12-05-6726825d.pth); we never download it, the user hands us a local path.
+- "tokpost-proxy-v1" (PROXY_NAME): a small conv net with fixed, seeded random weights. It runs offline and is
+  deterministic, so it ranks models consistently, but its numbers are NOT paper FID: every output computed with it
+  is labelled `proxy` (see `ExtractorInfo.label`).
+The proxy is registered with `torch_fidelity.registry.register_feature_extractor`, so
+`torch_fidelity.calculate_metrics(feature_extractor="tokpost-proxy-v1", ...)` works as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.utils import create_feature_extractor
+
+INCEPTION_NAME = "inception-v3-compat"
+PROXY_NAME = "tokpost-proxy-v1"
+
+# A few keys of the FID Inception-v3 state dict with their shapes. fc is 1008-way in the TF 2015-12-05 graph
+# (torchvision's ImageNet Inception has 1000 classes), which tells the FID checkpoint from a classifier's.
+_INCEPTION_SIGNATURE = {
+    "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+    "Conv2d_4a_3x3.conv.weight": (192, 80, 3, 3),
+    "Mixed_5b.branch1x1.conv.weight": (64, 192, 1, 1),
+    "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
+    "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
+    "fc.weight": (1008, 2048),
+    "fc.bias": (1008,),
+}
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+class ProxyFeatureExtractor(FeatureExtractorBase):
+    """Offline stand-in for the FID Inception: a fixed, seeded, randomly initialised conv net.
+
+    uint8 [B, 3, H, W] -> resized (bilinear, antialiased) to 128x128, scaled to [-1, 1] -> four 3x3 stride-2
+    conv + ReLU stages (32, 64, 128, 256 channels) -> spatial mean times FEATURE_SCALE: "pool" [B, 256] (FID,
+    KID, precision-recall) -> a fixed random linear map: "logits_unbiased" [B, 100] (IS), and "logits" (plus a
+    zero bias, for symmetry with Inception's feature names).
+    Weights come from torch.Generator's CPU stream with a fixed seed (Kaiming-normal scale, so random ReLU
+    features neither vanish nor explode), hence identical in every process and instance; `weights_sha256()`
+    identifies them and is part of the extractor id stored next to every cached statistic.
+    """
+
+    SEED = 20250915
+    INPUT_SIZE = 128
+    CHANNELS = (32, 64, 128, 256)
+    NUM_LOGITS = 100
+    # Random ReLU features are ~0.1 in size, which puts FIDs around 0.01; x10 puts them around 1-100 so tables
+    # stay readable. The scale carries no meaning: proxy numbers are only comparable with each other.
+    FEATURE_SCALE = 10.0
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+        widths = (3,) + self.CHANNELS
+        self.convs = nn.ModuleList(
+            nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1) for c_in, c_out in zip(widths, widths[1:])
+        )
+        self.fc = nn.Linear(self.CHANNELS[-1], self.NUM_LOGITS)
+        gen = torch.Generator().manual_seed(self.SEED)
+        with torch.no_grad():
+            for conv in self.convs:
+                fan_in = conv.weight[0].numel()
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+                conv.bias.zero_()
+            self.fc.weight.copy_(torch.randn(self.fc.weight.shape, generator=gen) * self.CHANNELS[-1] ** -0.5)
+            self.fc.bias.zero_()
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def get_provided_features_list():
+        return "pool", "logits_unbiased", "logits"
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return {"isc": "logits_unbiased", "fid": "pool", "kid": "pool", "prc": "pool"}[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return True
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return (torch.rand([1, 3, 4, 4]) * 255).to(torch.uint8)
+
+    def weights_sha256(self) -> str:
+        digest = hashlib.sha256()
+        for key, value in sorted(self.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def forward(self, x):
+        if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
+            raise ValueError(f"proxy extractor expects uint8 images [B, 3, H, W], got {getattr(x, 'shape', x)}")
+        x = x.float()
+        x = F.interpolate(x, size=(self.INPUT_SIZE, self.INPUT_SIZE), mode="bilinear", align_corners=False,
+                          antialias=True)
+        x = (x - 127.5) / 127.5
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        features = {"pool": x.mean(dim=(2, 3)) * self.FEATURE_SCALE}
+        features["logits_unbiased"] = features["pool"] @ self.fc.weight.T
+        features["logits"] = features["logits_unbiased"] + self.fc.bias
+        return tuple(features[name] for name in self.features_list)
+
+
+if PROXY_NAME not in FEATURE_EXTRACTORS_REGISTRY:
+    register_feature_extractor(PROXY_NAME, ProxyFeatureExtractor)
+
+
+@dataclass(frozen=True)
+class ExtractorInfo:
+    """What produced a set of features. `extractor_id` = registry name + weights hash: cached statistics are reused
+    only under the same id."""
+
+    name: str
+    extractor_id: str
+    proxy: bool
+    fid_layer: str
+    isc_layer: str
+    weights_path: str | None = None
+
+    @property
+    def label(self) -> str:
+        """Suffix for metric keys and headers: "_proxy" for the proxy, "" for the real Inception."""
+        return "_proxy" if self.proxy else ""
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_inception_weights(path: str | os.PathLike) -> None:
+    """Raise ValueError (one line, naming the problem) unless `path` looks like the FID Inception-v3 weights."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"--inception-weights {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle / zip / unpickling-policy errors all mean "not a weights file"
+        raise ValueError(f"--inception-weights {path}: not a PyTorch checkpoint ({_one_line(err)[:200]})") from None
+    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"--inception-weights {path}: holds a {type(state).__name__}, not an Inception-v3 "
+                         f"state dict (expected the FID weights pt_inception-2015-12-05-6726825d.pth)")
+    missing = [k for k in _INCEPTION_SIGNATURE if k not in state]
+    if missing:
+        raise ValueError(f"--inception-weights {path}: not the FID Inception-v3 checkpoint "
+                         f"(pt_inception-2015-12-05): missing {len(missing)} of its keys, e.g. {missing[0]!r}")
+    for key, shape in _INCEPTION_SIGNATURE.items():
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"--inception-weights {path}: not the FID Inception-v3 checkpoint "
+                             f"(pt_inception-2015-12-05): {key} has shape {tuple(state[key].shape)}, expected {shape}")
+
+
+def build_extractor(inception_weights: str | os.PathLike | None = None,
+                    device: str | torch.device = "cpu") -> tuple[FeatureExtractorBase, ExtractorInfo]:
+    """The FID Inception from a local weights file, or the offline proxy when `inception_weights` is None.
+    Returns (extractor on `device`, eval mode, no grad; its ExtractorInfo)."""
+    if inception_weights is None:
+        name = PROXY_NAME
+        cls = FEATURE_EXTRACTORS_REGISTRY[name]
+        layers = [cls.get_default_feature_layer_for_metric("fid"), cls.get_default_feature_layer_for_metric("isc")]
+        extractor = create_feature_extractor(name, layers, cuda=False, verbose=False)
+        extractor_id = f"{name}:{extractor.weights_sha256()[:16]}"
+        weights_path = None
+    else:
+        weights_path = os.path.abspath(os.fspath(inception_weights))
+        check_inception_weights(weights_path)
+        name = INCEPTION_NAME
+        cls = FEATURE_EXTRACTORS_REGISTRY[name]
+        layers = [cls.get_default_feature_layer_for_metric("fid"), cls.get_default_feature_layer_for_metric("isc")]
+        try:
+            extractor = create_feature_extractor(name, layers, cuda=False, verbose=False,
+                                                 feature_extractor_weights_path=weights_path)
+        except RuntimeError as err:  # strict load_state_dict: wrong or extra keys beyond our signature check
+            raise ValueError(f"--inception-weights {weights_path}: not the FID Inception-v3 checkpoint "
+                             f"({_one_line(err)[:300]})") from None
+        extractor_id = f"{name}:{file_sha256(weights_path)[:16]}"
+    info = ExtractorInfo(name=name, extractor_id=extractor_id, proxy=inception_weights is None,
+                         fid_layer=layers[0], isc_layer=layers[1], weights_path=weights_path)
+    return extractor.to(device), info

@@ -1,0 +1,44 @@
+"""The printed table of `python -m tokpost_fast.evaluate`. Proxy numbers say so in the header and in every row."""
+
+from __future__ import annotations
+
+ROW_NAMES = {
+    "rfid": "rFID", "pfid": "pFID", "gfid": "gFID", "is": "IS", "is_std": "IS std", "prec": "precision",
+    "rec": "recall", "kid": "KID",
+}
+
+
+def _row_name(key: str, proxy: bool) -> str:
+    base = key[: -len("_proxy")] if key.endswith("_proxy") else key
+    return ROW_NAMES.get(base, base) + (" (proxy)" if proxy else "")
+
+
+def format_table(result: dict) -> str:
+    """metrics.json's dict -> a plain-text table (one metric per row; pFID rows carry alpha and delta)."""
+    proxy = result["proxy"]
+    pfid = result["settings"]["pfid"]
+    tok = result["checkpoints"]["tokenizer"]
+    lines = [
+        f"metrics{' (PROXY)' if proxy else ''}: extractor {result['extractor']['id']}"
+        + (" -- offline proxy features, NOT comparable to paper FID" if proxy else ""),
+        f"tokenizer {tok.get('path') or '(in memory)'} sha256 {tok['sha256'][:12]}; "
+        f"N real = {result['num']['real']}, N generated = {result['num']['generated']}",
+    ]
+    rows = []
+    for key, value in result["values"].items():
+        name = _row_name(key, proxy)
+        if key.startswith("pfid"):
+            name += f" [alpha={pfid['alpha']:g}, delta={pfid['delta']}]"
+        rows.append((name, f"{value:.4f}"))
+    reasons: dict[str, list[str]] = {}
+    for key, why in result.get("skipped", {}).items():
+        reasons.setdefault(why, []).append(_row_name(key, False))
+    for why, names in reasons.items():  # one row per reason: "gFID, IS, precision, recall (proxy)  skipped: ..."
+        rows.append((", ".join(names) + (" (proxy)" if proxy else ""), f"skipped: {why}"))
+    for point in result.get("pfid_curve", {}).get("points", []):
+        rows.append((f"pFID curve{' (proxy)' if proxy else ''} [alpha={point['alpha']:g}, delta={point['delta']}]",
+                     f"{point['pfid']:.4f}"))
+    width = max([len(name) for name, _ in rows] + [len("metric" + (" (proxy)" if proxy else ""))])
+    lines.append(f"{'metric' + (' (proxy)' if proxy else ''):<{width}}  value")
+    lines += [f"{name:<{width}}  {text}" for name, text in rows]
+    return "\n".join(lines)

@@ -1,0 +1,334 @@
+"""evaluate_run / pfid_curve: everything `python -m tokpost_fast.evaluate` does, as a Python API.
+
+    result = evaluate_run("runs/demo", metrics=["rfid", "pfid", "gfid"], num=512)
+    result["values"]["pfid_proxy"], result["settings"]["pfid"]      # {"alpha": 1.0, "delta": 100, ...}
+    curve = pfid_curve("runs/demo", num=512)                          # also writes pfid_curve.png / .json
+
+Inputs, in order of precedence: the arguments, the run config's `eval` section, EvalConfig's defaults.
+Metric keys carry the extractor's label: "rfid_proxy" with the offline proxy, "rfid" with real Inception weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from typing import Iterable, Optional
+
+import torch
+import torch_fidelity
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+from tokpost_fast.metrics.config import DEFAULT_METRICS, METRICS, EvalConfig
+from tokpost_fast.metrics.extractor import ExtractorInfo, build_extractor, file_sha256
+from tokpost_fast.metrics.features import (
+    RealStats, cached_real_stats, dataset_fingerprint, extract_features, fid_between, fid_statistics, fingerprint,
+    images_to_uint8, load_real_stats, real_stats_path, save_real_stats,
+)
+from tokpost_fast.metrics.generation import SamplingSettings, generated_features
+from tokpost_fast.metrics.pfid import (
+    CLEAN, PFID_CURVE_ALPHAS, Perturbation, check_perturbation, decode_features, default_delta, save_pfid_curve,
+    tokenizer_metric, write_json,
+)
+from tokpost_fast.metrics.report import format_table
+
+PRC_NEIGHBORHOOD = 3  # torch-fidelity's default k for the k-NN manifolds (Kynkaanniemi et al. 2019)
+GENERATIVE = ("gfid", "is", "prec", "rec", "kid")
+
+
+def _options(config, overrides: dict) -> EvalConfig:
+    """EvalConfig from the run config's eval section (when it is one), with the non-None arguments on top."""
+    base = getattr(config, "eval", None) if config is not None else None
+    values = dataclasses.asdict(base) if isinstance(base, EvalConfig) else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return EvalConfig(**values)
+
+
+def _load_run_config(run_dir: str, config):
+    if config is None:
+        saved = os.path.join(run_dir, "config.yaml")
+        if not os.path.isfile(saved):
+            return None
+        config = saved
+    if isinstance(config, (str, os.PathLike)):
+        from tokpost_fast.config import load_config
+
+        return load_config(config)
+    return config
+
+
+def _module_sha256(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _load_tokenizer(run_dir: str, tokenizer, device):
+    from tokpost_fast.models.tokenizer import load_tokenizer
+
+    if isinstance(tokenizer, torch.nn.Module):
+        return tokenizer.to(device).eval(), {"path": None, "sha256": _module_sha256(tokenizer)}
+    path = os.fspath(tokenizer) if tokenizer is not None else os.path.join(run_dir, "tokenizer.pt")
+    if not os.path.isfile(path):
+        raise ValueError(f"tokenizer checkpoint {path}: no such file (pass --tokenizer PATH)")
+    return load_tokenizer(path, map_location=device).eval(), {"path": os.path.abspath(path),
+                                                              "sha256": file_sha256(path)}
+
+
+def _find_generator(run_dir: str, generator):
+    """(generator path or module, or None; why it is missing)."""
+    if generator is False:
+        return None, "generator disabled"
+    if isinstance(generator, torch.nn.Module):
+        return generator, None
+    path = os.fspath(generator) if generator is not None else os.path.join(run_dir, "generator.pt")
+    if not os.path.isfile(path):
+        return None, f"no generator checkpoint at {path}"
+    return path, None
+
+
+def _real_source(images, config, opts: EvalConfig):
+    """(image source, dataset fingerprint or None when the source cannot be identified)."""
+    description = {"num": opts.num}
+    if images is not None:
+        if torch.is_tensor(images):
+            head = images[: opts.num] if opts.num is not None else images
+            digest = hashlib.sha256(images_to_uint8(head).cpu().contiguous().numpy().tobytes()).hexdigest()
+            return images, fingerprint({**description, "tensor": list(head.shape), "sha256": digest})
+        dataset = getattr(images, "dataset", None)
+        return images, (dataset_fingerprint(dataset, {**description, "loader": type(dataset).__name__})
+                        if dataset is not None else None)
+    if config is None:
+        raise ValueError("no real images: the run directory has no config.yaml; pass --config configs/X.yaml")
+    from tokpost_fast.data import build_loader
+
+    data_cfg = dataclasses.replace(config.data, batch_size=opts.batch_size) \
+        if hasattr(config.data, "batch_size") else config.data
+    loader = build_loader(data_cfg, train=False, rank=0, world_size=1, seed=0, epoch=0)
+    data_desc = {k: v for k, v in dataclasses.asdict(config.data).items() if k not in ("batch_size", "num_workers")}
+    return loader, dataset_fingerprint(getattr(loader, "dataset", None), {**description, "data": data_desc,
+                                                                           "split": "eval"})
+
+
+class _Evaluation:
+    """The prepared pieces of one evaluation: options, extractor, tokenizer, real-image source."""
+
+    def __init__(self, run_dir, *, config=None, tokenizer=None, images=None, device=None, progress=True,
+                 **overrides):
+        self.run_dir = os.fspath(run_dir)
+        self.config = _load_run_config(self.run_dir, config)
+        self.opts = _options(self.config, overrides)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.progress = progress
+        self.extractor, self.info = build_extractor(self.opts.inception_weights, self.device)
+        self.tokenizer, self.tokenizer_ckpt = _load_tokenizer(self.run_dir, tokenizer, self.device)
+        self.delta = self.opts.pfid_delta if self.opts.pfid_delta is not None else \
+            default_delta(self.tokenizer.codebook_size)
+        self.images, self.data_fingerprint = _real_source(images, self.config, self.opts)
+        self.stats_dir = self.opts.stats_dir or os.path.join(self.run_dir, "fid_stats")
+        self.real: Optional[RealStats] = None
+        self.real_cached = False
+
+    def _cache_path(self):
+        return real_stats_path(self.stats_dir, self.info, self.data_fingerprint) if self.data_fingerprint else None
+
+    def decode(self, settings: list[Perturbation]) -> dict[Perturbation, torch.Tensor]:
+        """FID-layer features of the decodes under each setting; fills self.real in the same pass if needed."""
+        if self.real is None and self.data_fingerprint:
+            self.real = load_real_stats(self._cache_path(), self.info, self.data_fingerprint)
+            self.real_cached = self.real is not None
+        decoded, real_features = decode_features(
+            self.tokenizer, self.images, self.extractor, self.info, settings, seed=self.opts.pfid_seed,
+            num=self.opts.num, device=self.device, collect_real=self.real is None, progress=self.progress)
+        if self.real is None:
+            features = real_features[self.info.fid_layer]
+            self.real = RealStats(fid_statistics(features, "real images"), features, self.info.extractor_id,
+                                  self.data_fingerprint or "")
+            if self.data_fingerprint:
+                save_real_stats(self._cache_path(), self.real)
+        return {s: f[self.info.fid_layer] for s, f in decoded.items()}
+
+    def real_stats(self) -> RealStats:
+        if self.real is None:
+            def compute():
+                return extract_features(self.images, self.extractor, self.info, self.device, self.opts.num,
+                                        self.progress, "real images")
+            self.real, self.real_cached = cached_real_stats(self.stats_dir if self.data_fingerprint else None,
+                                                            self.info, self.data_fingerprint or "", compute)
+        return self.real
+
+    def fid(self, features: torch.Tensor, what: str) -> float:
+        return fid_between(fid_statistics(features, what), self.real_stats().stats)
+
+    def curve(self, features: dict[Perturbation, torch.Tensor], alphas) -> list[dict]:
+        points = []
+        for alpha in alphas:
+            value = self.fid(features[Perturbation(float(alpha), self.delta)], f"pFID decodes (alpha={alpha})")
+            points.append({"alpha": float(alpha), "delta": self.delta, f"pfid{self.info.label}": value,
+                           "pfid": value})
+        return points
+
+    def save_curve(self, points: list[dict]) -> dict:
+        title = (f"pFID{' (proxy)' if self.info.proxy else ''} vs alpha (delta = {self.delta}, "
+                 f"N = {self.real.stats.count})")
+        payload = {"proxy": self.info.proxy, "extractor": self.info.extractor_id, "delta": self.delta,
+                   "seed": self.opts.pfid_seed, "num": self.real.stats.count, "tokenizer": self.tokenizer_ckpt}
+        return save_pfid_curve(points, self.run_dir, payload, self.info.proxy, title)
+
+
+def _parse_metrics(metrics) -> list[str]:
+    if metrics is None:
+        return None
+    if isinstance(metrics, str):
+        metrics = metrics.split(",")
+    metrics = [m.strip().lower() for m in metrics if m.strip()]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"--metrics: unknown {unknown}; choose from {','.join(METRICS)}")
+    return metrics
+
+
+def evaluate_run(run_dir, metrics: Optional[Iterable[str] | str] = None, num: Optional[int] = None,
+                 pfid_alpha: Optional[float] = None, pfid_delta: Optional[int] = None,
+                 pfid_seed: Optional[int] = None, pfid_curve: bool = False, curve_alphas=PFID_CURVE_ALPHAS,
+                 inception_weights=None, tokenizer=None, generator=None, config=None, images=None,
+                 num_generated: Optional[int] = None, batch_size: Optional[int] = None, device=None,
+                 stats_dir=None, cfg_scale: Optional[float] = None, cfg_power: Optional[float] = None,
+                 temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 gen_seed: Optional[int] = None, out=None, progress: bool = True, print_table: bool = True) -> dict:
+    """Compute the requested metrics for a run directory and write them to `out` (default RUN_DIR/metrics.json).
+
+    tokenizer / generator: a checkpoint path or a module (default RUN_DIR/tokenizer.pt, RUN_DIR/generator.pt;
+    generator=False skips the generative metrics). images: real images as a tensor [N, 3, H, W] in [-1, 1] or an
+    iterable of batches, instead of the run config's data. cfg_scale ... top_p: generator sampling (SPEC A4).
+    Returns the dict written to metrics.json."""
+    started = time.time()
+    ev = _Evaluation(run_dir, config=config, tokenizer=tokenizer, images=images, device=device, progress=progress,
+                     metrics=_parse_metrics(metrics), num=num, num_generated=num_generated, batch_size=batch_size,
+                     pfid_alpha=pfid_alpha, pfid_delta=pfid_delta, pfid_seed=pfid_seed, gen_seed=gen_seed,
+                     inception_weights=inception_weights, stats_dir=stats_dir, cfg_scale=cfg_scale,
+                     cfg_power=cfg_power, temperature=temperature, top_k=top_k, top_p=top_p)
+    opts, label = ev.opts, ev.info.label
+    wanted = list(opts.metrics or DEFAULT_METRICS)
+    pfid_setting = check_perturbation(opts.pfid_alpha, ev.delta, ev.tokenizer.codebook_size)
+    values, skipped, extra = {}, {}, {}
+
+    settings = ([CLEAN] if "rfid" in wanted else []) + ([pfid_setting] if "pfid" in wanted else [])
+    if pfid_curve:
+        settings += [check_perturbation(a, ev.delta, ev.tokenizer.codebook_size) for a in curve_alphas]
+    if settings:
+        features = ev.decode(list(dict.fromkeys(settings)))
+        if "rfid" in wanted:
+            values[f"rfid{label}"] = ev.fid(features[CLEAN], "reconstructions")
+        if "pfid" in wanted:
+            values[f"pfid{label}"] = ev.fid(features[pfid_setting], "perturbed reconstructions")
+        if pfid_curve:
+            points = ev.curve(features, curve_alphas)
+            extra["pfid_curve"] = {"points": points, "files": ev.save_curve(points)}
+
+    generator_ckpt = None
+    gen_wanted = [m for m in wanted if m in GENERATIVE]
+    num_gen = 0
+    sampling_used = SamplingSettings(opts.cfg_scale, opts.cfg_power, opts.temperature, opts.top_k, opts.top_p)
+    if gen_wanted:
+        source, why = _find_generator(ev.run_dir, generator)
+        if source is None:
+            for m in gen_wanted:
+                skipped[m] = why
+        else:
+            from tokpost_fast.models.generator import load_generator
+
+            real = ev.real_stats()
+            num_gen = opts.num_generated or real.stats.count
+            if isinstance(source, torch.nn.Module):
+                gpt, generator_ckpt = source.to(ev.device), {"path": None, "sha256": _module_sha256(source)}
+            else:
+                gpt = load_generator(source, map_location=ev.device)
+                generator_ckpt = {"path": os.path.abspath(source), "sha256": file_sha256(source),
+                                  # the tokenizer the generator was trained on (a post-trained decoder differs)
+                                  "tokenizer_hash": getattr(gpt, "checkpoint_extra", {}).get("tokenizer_hash")}
+            gen = generated_features(ev.tokenizer, gpt, num_gen, ev.extractor, ev.info, sampling_used,
+                                     opts.batch_size, opts.gen_seed, ev.device, ev.progress)
+            values.update(_generative_values(gen, real, ev.info, gen_wanted, opts.gen_seed, skipped))
+
+    result = {
+        "values": values,
+        "proxy": ev.info.proxy,
+        "extractor": {"name": ev.info.name, "id": ev.info.extractor_id, "weights": ev.info.weights_path,
+                      "note": ("PROXY: offline randomly initialised feature net; not comparable to paper FID"
+                               if ev.info.proxy else "FID Inception-v3 (pt_inception-2015-12-05), torch-fidelity")},
+        "num": {"real": ev.real.stats.count if ev.real is not None else 0, "generated": num_gen},
+        "settings": {
+            "metrics": wanted,
+            "pfid": {"alpha": pfid_setting.alpha, "delta": pfid_setting.delta, "seed": opts.pfid_seed,
+                     "beta": 1.0, "metric": tokenizer_metric(ev.tokenizer)},
+            "generation": {**sampling_used.as_dict(), "seed": opts.gen_seed, "batch_size": opts.batch_size,
+                           "class_balanced": True},
+            "batch_size": opts.batch_size,
+            "device": str(ev.device),
+        },
+        "checkpoints": {"tokenizer": ev.tokenizer_ckpt, "generator": generator_ckpt},
+        "skipped": skipped,
+        "real_stats": {"path": ev._cache_path(), "cached": ev.real_cached,
+                       "dataset_fingerprint": ev.data_fingerprint},
+        "versions": {"torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__},
+        "seconds": round(time.time() - started, 2),
+        **extra,
+    }
+    write_json(os.fspath(out) if out is not None else os.path.join(ev.run_dir, "metrics.json"), result)
+    if print_table:
+        print(format_table(result))
+    return result
+
+
+def _generative_values(gen: dict, real: RealStats, info: ExtractorInfo, wanted: list[str], seed: int,
+                       skipped: dict) -> dict:
+    """gFID, IS, precision / recall, KID of generated features against the real ones (torch-fidelity's code)."""
+    label, values = info.label, {}
+    gen_pool, count = gen[info.fid_layer], gen[info.fid_layer].shape[0]
+    if "gfid" in wanted:
+        values[f"gfid{label}"] = fid_between(fid_statistics(gen_pool, "generated images"), real.stats)
+    if "is" in wanted:
+        splits = max(1, min(10, count // 2))  # torch-fidelity's 10 splits, fewer for tiny sample counts
+        isc = isc_features_to_metric(gen[info.isc_layer], splits=splits, shuffle=True, rng_seed=seed)
+        values[f"is{label}"], values[f"is_std{label}"] = isc[KEY_METRIC_ISC_MEAN], isc[KEY_METRIC_ISC_STD]
+    if "prec" in wanted or "rec" in wanted:
+        if min(count, real.features.shape[0]) <= PRC_NEIGHBORHOOD:
+            for m in ("prec", "rec"):
+                if m in wanted:
+                    skipped[m] = f"needs more than {PRC_NEIGHBORHOOD} images in each set"
+        else:
+            prc = prc_features_to_metric(gen_pool, real.features, prc_neighborhood=PRC_NEIGHBORHOOD,
+                                         prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+            if "prec" in wanted:
+                values[f"prec{label}"] = prc[KEY_METRIC_PRECISION]
+            if "rec" in wanted:
+                values[f"rec{label}"] = prc[KEY_METRIC_RECALL]
+    if "kid" in wanted:
+        subset = min(1000, count, real.features.shape[0])
+        kid = kid_features_to_metric(gen_pool, real.features, kid_subsets=100, kid_subset_size=subset,
+                                     kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
+                                     kid_kernel_poly_coef0=1, rng_seed=seed, verbose=False)
+        values[f"kid{label}"] = kid[KEY_METRIC_KID_MEAN]
+    return values
+
+
+def pfid_curve(run_dir, alphas=PFID_CURVE_ALPHAS, delta: Optional[int] = None, seed: Optional[int] = None,
+               num: Optional[int] = None, inception_weights=None, tokenizer=None, config=None, images=None,
+               batch_size: Optional[int] = None, device=None, stats_dir=None, progress: bool = True,
+               save: bool = True) -> dict:
+    """pFID at each alpha (same delta, same seed, one encode per image); saves RUN_DIR/pfid_curve.png and .json.
+    Returns {"points": [{"alpha", "delta", "pfid", "pfid<label>"}...], "proxy", "extractor", "files"}."""
+    ev = _Evaluation(run_dir, config=config, tokenizer=tokenizer, images=images, device=device, progress=progress,
+                     num=num, batch_size=batch_size, pfid_delta=delta, pfid_seed=seed,
+                     inception_weights=inception_weights, stats_dir=stats_dir)
+    settings = [check_perturbation(a, ev.delta, ev.tokenizer.codebook_size) for a in alphas]
+    points = ev.curve(ev.decode(list(dict.fromkeys(settings))), alphas)
+    files = ev.save_curve(points) if save else None
+    return {"points": points, "delta": ev.delta, "seed": ev.opts.pfid_seed, "proxy": ev.info.proxy,
+            "extractor": ev.info.extractor_id, "num": ev.real.stats.count, "files": files}

@@ -1,0 +1,314 @@
+"""The class-conditional decoder-only transformer (SPEC A4), read top to bottom: positions, blocks, the model,
+then construction and checkpoints.
+
+Sequence layout: the model's input is [class, t_0, t_1, ..., t_{L-2}] and the output at position p is the
+distribution of token t_p (raster order over the grid_size x grid_size token grid). Label id `num_classes` is the
+"no class" label: label dropout during training and the unconditional half of classifier-free guidance use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tokpost_fast.models.generator.attention import KVCache, causal_attention
+from tokpost_fast.models.generator.config import GeneratorConfig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Positions
+# ---------------------------------------------------------------------------------------------------------------
+def rope2d_tables(grid_size: int, head_dim: int, base: float = 10000.0):
+    """cos, sin: [grid_size**2, head_dim // 2] fp32 for the input positions 0 .. L-1 (LlamaGen's 2-D RoPE: half of
+    the rotated pairs turn with the row, half with the column). Position 0, the class token, is not rotated;
+    position p >= 1 holds token p - 1 at cell divmod(p - 1, grid_size)."""
+    quarter = head_dim // 4
+    freqs = 1.0 / (base ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    cell = torch.arange(grid_size * grid_size - 1)
+    rows, cols = (cell // grid_size).float(), (cell % grid_size).float()
+    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=-1)    # [L-1, Dh/2]
+    angles = torch.cat([torch.zeros(1, 2 * quarter), angles])                     # class token: identity
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, S, H, Dh]; cos/sin: [S, Dh/2]; consecutive pairs (x_2i, x_2i+1) are rotated, in fp32
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[None, :, None], sin[None, :, None]
+    out = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, cfg: GeneratorConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.backend, self.dropout = cfg.attn_backend, cfg.dropout
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)   # one fused projection
+        self.proj = nn.Linear(cfg.width, cfg.width, bias=False)
+        # qk-norm (RAR): LayerNorm over each head's q and k keeps attention logits bounded in bf16
+        self.q_norm = nn.LayerNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, rope=None, start_pos: int | None = None):
+        # x: [B, S, D] -> [B, S, D]; start_pos None: full causal pass, else the cached decoding path
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(dim=2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # under autocast the LayerNorms of qk-norm return fp32 while v is bf16; the fused kernels need one dtype
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        if start_pos is None:
+            out = causal_attention(q, k, v, self.backend, self.dropout if self.training else 0.0)
+        else:
+            out = self.cache.attend(q, k, v, start_pos, self.backend)
+        return self.resid_drop(self.proj(out.flatten(-2)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GeneratorConfig):
+        super().__init__()
+        self.gated = cfg.mlp == "swiglu"
+        hidden = int(cfg.mlp_ratio * cfg.width)
+        if self.gated:  # 2/3 keeps the parameter count of the ungated MLP; multiple of 64 for tensor cores
+            hidden = -(-int(2 * hidden / 3) // 64) * 64
+            self.gate = nn.Linear(cfg.width, hidden, bias=False)
+        self.up = nn.Linear(cfg.width, hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.width, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        h = F.silu(self.gate(x)) * self.up(x) if self.gated else F.gelu(self.up(x), approximate="tanh")
+        return self.drop(self.down(h))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; with cond="adaln" the norms lose their affine and a zero-initialised
+    modulation from the class embedding gives shift, scale and gate for both branches (adaLN-zero, DiT/RAR)."""
+
+    def __init__(self, cfg: GeneratorConfig):
+        super().__init__()
+        self.adaln = cfg.cond == "adaln"
+        self.norm1 = nn.LayerNorm(cfg.width, eps=1e-6, elementwise_affine=not self.adaln)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=1e-6, elementwise_affine=not self.adaln)
+        self.mlp = MLP(cfg)
+        if self.adaln:
+            self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
+
+    def forward(self, x, cond=None, rope=None, start_pos=None):
+        # x: [B, S, D], cond: [B, 1, D] class embedding (used by adaln only)
+        if not self.adaln:
+            x = x + self.attn(self.norm1(x), rope, start_pos)
+            return x + self.mlp(self.norm2(x))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope, start_pos)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------------
+class GPT(nn.Module):
+    def __init__(self, cfg: GeneratorConfig):
+        super().__init__()
+        self.config = cfg
+        self.null_label = cfg.num_classes
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, cfg.width)   # + the "no class" label
+        if cfg.pos == "learned":
+            self.pos_emb = nn.Parameter(torch.zeros(cfg.seq_len, cfg.width))
+        else:
+            cos, sin = rope2d_tables(cfg.grid_size, cfg.head_dim)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=1e-6, elementwise_affine=cfg.cond != "adaln")
+        if cfg.cond == "adaln":
+            self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 2 * cfg.width))
+        self.head = nn.Linear(cfg.width, cfg.vocab_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # RAR's init: truncated normal 0.02 for every linear and embedding, adaLN modulations at zero
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        if self.config.pos == "learned":
+            nn.init.trunc_normal_(self.pos_emb, std=0.02)
+        for modulation in [b.modulation for b in self.blocks if b.adaln] + [getattr(self, "final_modulation", None)]:
+            if modulation is not None:
+                nn.init.zeros_(modulation[-1].weight)
+                nn.init.zeros_(modulation[-1].bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def _logits(self, inputs, labels, start_pos: int, cached: bool):
+        # inputs: [B, s] token ids at input positions max(start_pos, 1) ..; at start_pos 0 the class token is
+        # prepended. labels: [B]. -> logits [B, S, V] fp32 for positions start_pos .. start_pos + S - 1
+        cfg = self.config
+        # checked once per sequence (at position 0), not per decoding step: on a GPU the check synchronises
+        if start_pos == 0 and labels.numel() and (labels.min() < 0 or labels.max() > self.null_label):
+            raise ValueError(f"labels must lie in [0, {self.null_label}] ({self.null_label} = no class)")
+        cond = self.class_emb(labels)[:, None]                               # [B, 1, D]
+        x = self.tok_emb(inputs)
+        if start_pos == 0:
+            x = torch.cat([cond.to(x.dtype), x], dim=1)
+        end = start_pos + x.shape[1]
+        if end > cfg.seq_len:
+            raise ValueError(f"positions {start_pos}..{end - 1} exceed seq_len {cfg.seq_len}")
+        rope = None
+        if cfg.pos == "learned":
+            x = x + self.pos_emb[start_pos:end]
+        else:
+            rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, cond, rope, start_pos if cached else None)
+        x = self.norm(x)
+        if cfg.cond == "adaln":
+            shift, scale = self.final_modulation(cond).chunk(2, dim=-1)
+            x = modulate(x, shift, scale)
+        return self.head(x).float()
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced pass. tokens: [B, n] (n <= seq_len), labels: [B] -> logits [B, n, V] fp32, where
+        logits[:, i] is the distribution of token i given the label and tokens[:, :i]."""
+        return self._logits(tokens[:, :-1], labels, 0, cached=False)
+
+    def forward_cached(self, inputs: torch.Tensor, labels: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Decoding step through the KV cache (setup_cache first). At start_pos 0, inputs holds tokens
+        t_0 .. t_{s-1} after the class token (s may be 0); later, the tokens t_{start_pos-1} .. (usually one).
+        Returns logits [B, S, V] for positions start_pos .. start_pos + S - 1 (S = s + 1 at start_pos 0, else s)."""
+        if self.blocks[0].attn.cache is None:
+            raise RuntimeError("forward_cached needs gpt.setup_cache(batch, max_len, dtype) first")
+        return self._logits(inputs, labels, start_pos, cached=True)
+
+    def drop_labels(self, labels: torch.Tensor, p: float, generator: torch.Generator | None = None):
+        """Class-label dropout for classifier-free guidance: each label becomes "no class" with probability p."""
+        if p <= 0:
+            return labels
+        drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+        return torch.where(drop, torch.full_like(labels, self.null_label), labels)
+
+    def loss(self, tokens, labels, label_drop: float | None = None, generator=None) -> torch.Tensor:
+        """Mean next-token cross entropy with label dropout (default config.class_dropout)."""
+        p = self.config.class_dropout if label_drop is None else label_drop
+        return next_token_loss(self(tokens, self.drop_labels(labels, p, generator)), tokens)
+
+    # -- KV cache --------------------------------------------------------------------------------------------
+    def setup_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
+        """Pre-allocate every layer's keys and values, [batch, max_len, heads, head_dim] (default: seq_len, the
+        parameters' dtype). Reuses the buffers when they already match."""
+        max_len = max_len or self.config.seq_len
+        dtype = dtype or self.head.weight.dtype
+        device = self.head.weight.device
+        current = self.blocks[0].attn.cache
+        if current is not None and (current.batch, current.max_len, current.k.dtype, current.k.device) == (
+                batch, max_len, dtype, device):
+            return
+        for block in self.blocks:
+            block.attn.cache = KVCache(batch, max_len, self.config.heads, self.config.head_dim, dtype, device)
+
+    def reset_cache(self) -> None:
+        for block in self.blocks:
+            if block.attn.cache is not None:
+                block.attn.cache.reset()
+
+    def free_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.cache = None
+
+    @classmethod
+    def from_config(cls, cfg: GeneratorConfig) -> "GPT":
+        return cls(cfg)
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    # logits: [B, L, V] from GPT.forward, tokens: [B, L] -> scalar mean cross entropy
+    return F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Construction and checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+def build_generator(cfg: GeneratorConfig) -> GPT:
+    return GPT.from_config(cfg)
+
+
+def save_generator(model: GPT, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """Atomic: {"config": asdict(cfg), "model": state_dict, **extra} to a temp file in the same folder, fsync,
+    rename; a crash leaves the old file or the new one, never half of one."""
+    model = getattr(model, "module", model)   # a DeepSpeed engine or DDP wrapper
+    extra = dict(extra or {})
+    clash = sorted({"config", "model"} & set(extra))
+    if clash:
+        raise ValueError(f"extra may not override {clash}")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"config": dataclasses.asdict(model.config), "model": state, **extra}
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".generator-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_generator_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """The raw checkpoint dict (config, model, and extras such as "tokenizer_hash")."""
+    payload = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+    missing = [k for k in ("config", "model") if k not in payload]
+    if missing:
+        raise ValueError(f"{path}: not a generator checkpoint, missing {missing}")
+    return payload
+
+
+def load_state_strict(model: nn.Module, state: dict, source: str = "checkpoint") -> None:
+    """load_state_dict(strict=True) with an error that lists every missing, unexpected and mis-shaped key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        raise ValueError(f"{source} does not match the generator: missing keys {missing}, "
+                         f"unexpected keys {unexpected}, shape mismatches {shapes}")
+    model.load_state_dict(state, strict=True)
+
+
+def load_generator(path: str | os.PathLike, map_location="cpu") -> GPT:
+    """Rebuild the generator from its checkpoint; strict keys. The checkpoint's extras (e.g. "tokenizer_hash")
+    are kept as model.checkpoint_extra."""
+    payload = read_generator_checkpoint(path, "cpu")
+    model = build_generator(GeneratorConfig.from_dict(payload["config"]))
+    load_state_strict(model, payload["model"], source=os.fspath(path))
+    model.checkpoint_extra = {k: v for k, v in payload.items() if k not in ("config", "model")}
+    return model.to(map_location)

@@ -1,0 +1,237 @@
+"""Stage `cache`: build the post-training set (SPEC A5.1, B5) as sharded token grids.
+
+    deepspeed [--num_gpus N] tokpost_fast/train.py --stage cache --config configs/demo.yaml --run-dir DIR [--resume]
+
+For each selected real training image (center crop, no augmentation): encode it with the frozen DIR/tokenizer.pt
+into ground-truth tokens t, draw a keep-mask m ~ Bernoulli(sigma) and run DIR/generator.pt token by token, taking
+t_i where m_i = 1 and the generator's sample elsewhere (models/generator/sampling.py: teacher_forced_sample).
+The grids go to DIR/cache/shard-NNNNN.safetensors (format: stages/token_cache.py), shard s written by rank
+s % world_size. Shard s is sampled in chunks of cache.batch_size rows, chunk c with the seed
+chunk_seed(cache.seed, s, c): a shard's bytes depend only on the settings, never on the world size or on
+interruptions, so a re-run (with or without --resume: present shards are complete by construction) continues at
+the first missing shard and ends byte-identical to one clean run. DIR/cache/index.json is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger("tokpost_fast.train")
+
+
+@dataclass
+class CacheStageConfig:
+    """Post-training set construction (SPEC A5.1, A7). Sampling defaults: the official post-training config
+    (T 1.0, g 16, p 2.75); which settings produced the paper's set is an open point (SPEC A7)."""
+
+    sigma: float = 0.7                  # P(keep the ground-truth token); 1 = reconstruction, 0 = pure generation
+    num_images: Optional[int] = None    # images in the set (a seeded subset); None: all training images
+    shard_size: int = 1024              # rows per shard file
+    batch_size: int = 64                # rows per sampling call (part of the seed layout: recorded in the index)
+    temperature: float = 1.0
+    cfg_scale: float = 16.0             # classifier-free guidance g (SPEC A4 schedule)
+    cfg_power: float = 2.75             # guidance schedule power p
+    top_k: int = 0                      # 0: no top-k filter
+    top_p: float = 1.0                  # 1.0: no nucleus filter
+    seed: int = 0
+    max_steps: Optional[int] = None     # build only shards [0, max_steps) (a shard is this stage's step)
+    precision: str = "auto"             # auto: bf16 autocast on GPU, fp32 on CPU
+
+    def __post_init__(self) -> None:
+        def check(name: str, ok: bool, why: str) -> None:
+            if not ok:
+                raise ValueError(f"cache.{name}={getattr(self, name)!r}: {why}")
+
+        check("sigma", 0.0 <= self.sigma <= 1.0, "must be in [0, 1]")
+        check("num_images", self.num_images is None or self.num_images >= 1, "must be None or >= 1")
+        check("shard_size", self.shard_size >= 1, "must be >= 1")
+        check("batch_size", self.batch_size >= 1, "must be >= 1")
+        check("temperature", self.temperature >= 0, "must be >= 0 (0: greedy)")
+        check("cfg_scale", self.cfg_scale >= 0, "must be >= 0")
+        check("cfg_power", self.cfg_power > 0, "must be > 0")
+        check("top_k", self.top_k >= 0, "must be >= 0")
+        check("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]")
+        check("seed", 0 <= self.seed < 2**62, "must be in [0, 2**62)")
+        check("max_steps", self.max_steps is None or self.max_steps >= 0, "must be None or >= 0")
+        check("precision", self.precision in ("auto", "fp32", "bf16"), "must be auto, fp32 or bf16")
+
+    def sampling(self) -> dict:
+        return dict(temperature=self.temperature, cfg_scale=self.cfg_scale, cfg_power=self.cfg_power,
+                    top_k=self.top_k, top_p=self.top_p)
+
+
+def chunk_seed(seed: int, shard: int, chunk: int) -> int:
+    """62-bit seed of one sampling call: a function of (cache.seed, shard, chunk) only."""
+    digest = hashlib.blake2b(f"cache:{seed}:{shard}:{chunk}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+def select_images(count: int, num_images: Optional[int], seed: int) -> list[int]:
+    """Data-set indices of the set's rows: all images in order, or a seeded subset of num_images (sorted, so a
+    shard holds neighbouring files)."""
+    if num_images is None or num_images >= count:
+        return list(range(count))
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(count, generator=g)[:num_images].tolist())
+
+
+def cache_settings(cfg, num_rows: int) -> dict:
+    """Everything a cache's content depends on besides the checkpoints: recorded in the index and in every shard,
+    and what `post` expects (computed from its own config)."""
+    cc = cfg.cache
+    return {"sigma": cc.sigma, **cc.sampling(), "seed": cc.seed, "batch_size": cc.batch_size,
+            "shard_size": cc.shard_size, "num_images": cc.num_images, "rows": num_rows,
+            "image_size": cfg.data.image_size, "crop": "center"}
+
+
+def check_generator_tokenizer(gpt, tokenizer, tokenizer_sha256: str, generator_path) -> None:
+    """The generator's tokens must be this tokenizer's codes: refuse a generator trained on another tokenizer,
+    naming both hashes."""
+    recorded = getattr(gpt, "checkpoint_extra", {}).get("tokenizer_hash")
+    if recorded is not None and recorded != tokenizer_sha256:
+        raise ValueError(f"{generator_path} was trained on the tokenizer with sha256 {recorded}, but this run's "
+                         f"tokenizer.pt has sha256 {tokenizer_sha256}; retrain the generator (--stage gen) on it")
+    if recorded is None:
+        log.warning("%s records no tokenizer hash; assuming it was trained on this tokenizer", generator_path)
+    if gpt.config.vocab_size != tokenizer.codebook_size or gpt.config.seq_len != tokenizer.grid_size ** 2:
+        raise ValueError(f"{generator_path}: vocab {gpt.config.vocab_size}, {gpt.config.seq_len} tokens; the "
+                         f"tokenizer has K={tokenizer.codebook_size} and a {tokenizer.grid_size}^2 grid")
+
+
+def plan_key(plan: dict) -> dict:
+    """What a cache's bytes depend on (paths excluded: a moved run folder keeps its cache)."""
+    return {"tokenizer": plan["tokenizer"]["sha256"], "generator": plan["generator"]["sha256"],
+            "grid_size": plan["grid_size"], "codebook_size": plan["codebook_size"], "dtype": plan["dtype"],
+            **plan["settings"]}
+
+
+def _prepare_folder(folder: Path, plan: dict, note) -> None:
+    """Rank 0: start a new cache, or keep one being built with the same plan; a cache of another plan (other
+    checkpoints or settings) is stale: removed, with a note in the log."""
+    import json
+
+    from tokpost_fast.stages.token_cache import PLAN, settings_diff, write_json_atomic
+
+    plan_path = folder / PLAN
+    if plan_path.is_file():
+        old = json.loads(plan_path.read_text())
+        diff = settings_diff(plan_key(old), plan_key(plan))
+        if not diff:
+            return
+        note(f"{folder} was built with another plan ({'; '.join(diff)}): rebuilding it")
+        shutil.rmtree(folder)
+    elif folder.exists() and any(folder.iterdir()):
+        note(f"{folder} holds files but no {PLAN}: rebuilding it")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(plan_path, plan)
+
+
+def run(cfg, run_dir: Path, resume: bool = False) -> dict:
+    # Imported here: config.py imports this module for CacheStageConfig, and these import config.py.
+    import time
+
+    from tokpost_fast.data import ImageFolderDataset
+    from tokpost_fast.data.folder import collate
+    from tokpost_fast.models.generator import load_generator, teacher_forced_sample
+    from tokpost_fast.models.tokenizer import load_tokenizer
+    from tokpost_fast.stages.common import autocast, barrier, init_distributed, resolve_precision
+    from tokpost_fast.stages.run_log import JsonlLog
+    from tokpost_fast.stages.token_cache import (FORMAT, INDEX, CacheRows, file_sha256, read_index, shard_name,
+                                                 token_dtype, write_json_atomic, write_shard)
+
+    cc, run_dir = cfg.cache, Path(run_dir)
+    info = init_distributed()
+    device = info.device
+    precision = resolve_precision(cc.precision, device)
+    folder = run_dir / "cache"
+    tokenizer_path, generator_path = run_dir / "tokenizer.pt", run_dir / "generator.pt"
+    for path, stage in ((tokenizer_path, "main"), (generator_path, "gen")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run --stage {stage} first")
+    tokenizer_sha, generator_sha = file_sha256(tokenizer_path), file_sha256(generator_path)
+    tokenizer = load_tokenizer(str(tokenizer_path)).to(device).eval()
+    gpt = load_generator(generator_path, map_location=device).eval()
+    check_generator_tokenizer(gpt, tokenizer, tokenizer_sha, generator_path)
+
+    dataset = ImageFolderDataset(cfg.data, train=False, seed=0, epoch=0)
+    rows = select_images(len(dataset), cc.num_images, cc.seed)
+    settings = cache_settings(cfg, len(rows))
+    plan = {"format": FORMAT, "settings": settings,
+            "tokenizer": {"path": str(tokenizer_path.resolve()), "sha256": tokenizer_sha},
+            "generator": {"path": str(generator_path.resolve()), "sha256": generator_sha,
+                          "tokenizer_hash": getattr(gpt, "checkpoint_extra", {}).get("tokenizer_hash")},
+            "grid_size": tokenizer.grid_size, "codebook_size": tokenizer.codebook_size,
+            "dtype": str(token_dtype(tokenizer.codebook_size)).removeprefix("torch.")}
+    num_shards = math.ceil(len(rows) / cc.shard_size)
+    # Every run continues the cache (present shards are complete), so the log is always appended to.
+    stage_log = JsonlLog(run_dir / "cache_log.jsonl", info.is_main, resume_step=num_shards)
+    if info.is_main:
+        _prepare_folder(folder, plan, lambda message: stage_log.event(0, message))
+    barrier()
+
+    stop = num_shards if cc.max_steps is None else min(num_shards, cc.max_steps)
+    mine = [s for s in range(info.rank, stop, info.world_size) if not (folder / shard_name(s)).is_file()]
+    todo = sum(len(rows[s * cc.shard_size:(s + 1) * cc.shard_size]) for s in mine)
+    if info.is_main:
+        done = sum(1 for s in range(stop) if (folder / shard_name(s)).is_file())
+        stage_log.write({"step": done, "event": "start", "shards": num_shards, "stop": stop, "present": done,
+                         "images": len(rows), "world_size": info.world_size, **settings})
+    bar = tqdm(total=todo, disable=not info.is_main, desc="cache", unit="img", dynamic_ncols=True, smoothing=0.1)
+    grid = tokenizer.grid_size
+    written, t0 = 0, time.perf_counter()
+    for shard in mine:
+        shard_rows = rows[shard * cc.shard_size:(shard + 1) * cc.shard_size]
+        chunks = [shard_rows[i:i + cc.batch_size] for i in range(0, len(shard_rows), cc.batch_size)]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=chunks, collate_fn=collate,
+                                             num_workers=cfg.data.num_workers)
+        parts = []
+        for chunk, (images, labels, indices, _bad) in enumerate(loader):
+            seed = chunk_seed(cc.seed, shard, chunk)
+            images, labels = images.to(device), labels.to(device)
+            with torch.no_grad(), autocast(device, precision):
+                gt = tokenizer.encode(images)                                           # [b, h, w]
+                tokens, keep = teacher_forced_sample(gpt, labels, gt, cc.sigma, seed, **cc.sampling())
+            gpt.free_cache()
+            b = images.shape[0]
+            parts.append(CacheRows(tokens=tokens.view(b, grid, grid).cpu(), gt_tokens=gt.cpu(),
+                                   keep_mask=keep.view(b, grid, grid).cpu(), sample_index=indices.cpu(),
+                                   label=labels.cpu(), sigma=torch.full((b,), cc.sigma),
+                                   seed=torch.full((b,), seed, dtype=torch.int64),
+                                   relative_paths=[dataset.relative_path(int(i)) for i in indices]))
+            bar.update(b)
+        write_shard(folder / shard_name(shard), CacheRows.concat(parts), shard, tokenizer.codebook_size, settings)
+        written += 1
+    bar.close()
+    seconds = time.perf_counter() - t0
+    barrier()
+
+    complete = all((folder / shard_name(s)).is_file() for s in range(num_shards))
+    result = {"shards": num_shards, "written_by_rank0": written, "complete": complete, "cache": str(folder)}
+    if info.is_main and complete:
+        entries = []
+        for s in range(num_shards):
+            count = len(rows[s * cc.shard_size:(s + 1) * cc.shard_size])
+            entries.append({"file": shard_name(s), "rows": count, "first_row": s * cc.shard_size,
+                            "sha256": file_sha256(folder / shard_name(s))})
+        index = {**plan, "shards": entries, "num_rows": len(rows)}
+        if not (folder / INDEX).is_file() or read_index(folder) != index:
+            write_json_atomic(folder / INDEX, index)
+        stage_log.write({"step": num_shards, "event": "index", "path": str(folder / INDEX), "rows": len(rows),
+                         "seconds_rank0": seconds,
+                         "img_per_s_rank0": todo / seconds if seconds > 0 and todo else None})
+    elif info.is_main:
+        stage_log.write({"step": stop, "event": "stopped", "present": sum(
+            1 for s in range(num_shards) if (folder / shard_name(s)).is_file()), "shards": num_shards})
+    stage_log.close()
+    barrier()
+    return result

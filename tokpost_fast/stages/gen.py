@@ -1,0 +1,338 @@
+"""Stage `gen`: train the class-conditional AR generator on the main-trained tokenizer's token grids (SPEC A4, B3).
+
+    deepspeed [--num_gpus N] tokpost_fast/train.py --stage gen --config configs/demo.yaml --run-dir DIR [--resume]
+
+1. Token grids: every training image and its horizontal flip are encoded once with DIR/tokenizer.pt (center crop,
+   no augmentation; ranks split the images) and cached in DIR/tokens/tokens.pt together with the tokenizer's
+   sha256. A cache made by another tokenizer is rebuilt, never used.
+2. Training: DeepSpeed ZeRO, AdamW (fused where the hardware has it), cosine LR with warm-up, class-label dropout
+   for classifier-free guidance, one of the two flips per image and epoch. Checkpoints, log.jsonl and sample grids
+   live in DIR/gen/ (DIR/checkpoints belongs to the main stage); --resume continues from DIR/gen/checkpoints.
+3. Export: DIR/generator.pt (EMA weights when ema_decay > 0) with the tokenizer's hash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from tokpost_fast.models.generator import (GeneratorConfig, build_generator, generator_config, next_token_loss,
+                                           save_generator)
+from tokpost_fast.models.generator.config import GENERATOR_PRESETS
+from tokpost_fast.stages.common import (EMA, NonFiniteGuard, all_reduce_sum, autocast, barrier, cosine_lr,
+                                        deepspeed_config, init_distributed, resolve_precision, seed_everything,
+                                        set_lr)
+
+log = logging.getLogger("tokpost_fast.train")
+
+FROM_TOKENIZER = ("vocab_size", "seq_len")
+SET_BY_STAGE = FROM_TOKENIZER + ("class_dropout",)   # class_dropout is gen.label_drop
+
+
+@dataclass
+class GenStageConfig:
+    """Generator training (SPEC A4: AdamW lr 4e-4, betas (0.9, 0.96), wd 0.03, cosine, label dropout 0.1)."""
+
+    preset: str = "demo"                  # GENERATOR_PRESETS name
+    model: dict[str, Any] = field(default_factory=dict)   # GeneratorConfig overrides (vocab_size and seq_len
+                                          # come from the tokenizer, num_classes from the data set unless given)
+    global_batch_size: int = 64           # over all ranks
+    lr: float = 4e-4
+    min_lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.96)
+    weight_decay: float = 0.03            # on weight matrices only, not on norms, biases or embeddings
+    warmup_epochs: float = 1.0
+    epochs: int = 400                     # RAR: 250k steps at batch 2048 on ImageNet
+    max_steps: Optional[int] = None       # stop early; the LR schedule never depends on it
+    label_drop: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0                # 0: no EMA (RAR trains without)
+    flip: bool = True                     # also encode horizontal flips; each epoch picks one per image
+    extract_batch_size: int = 64          # images per rank per encode call
+    log_interval: int = 10
+    sample_interval: int = 0              # steps between sample grids (0: only at the end)
+    ckpt_interval: int = 1000
+    keep_checkpoints: int = 2
+    sample_classes: int = 4               # rows of the sample grid (the first classes)
+    sample_images: int = 8                # images per row
+    sample_cfg_scale: float = 4.0
+    sample_cfg_power: float = 1.0
+    seed: int = 0
+    zero_stage: int = 2
+    precision: str = "auto"               # auto: bf16 autocast on GPU, fp32 on CPU
+    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    max_bad_steps: int = 10
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+
+        def check(name: str, ok: bool, why: str) -> None:
+            if not ok:
+                raise ValueError(f"gen.{name}={getattr(self, name)!r}: {why}")
+
+        check("preset", self.preset in GENERATOR_PRESETS, f"must be one of {sorted(GENERATOR_PRESETS)}")
+        known = {f.name for f in dataclasses.fields(GeneratorConfig)} - set(SET_BY_STAGE)
+        unknown = sorted(set(self.model) - known)
+        check("model", not unknown, f"unknown or stage-set keys {unknown} (vocab_size, seq_len: from the tokenizer; "
+                                    f"class_dropout: gen.label_drop); valid: {sorted(known)}")
+        generator_config(self.preset, **self.model)       # the model's own checks, now rather than mid-run
+        check("global_batch_size", self.global_batch_size >= 1, "must be >= 1")
+        check("lr", self.lr > 0, "must be > 0")
+        check("min_lr", 0 <= self.min_lr <= self.lr, "must be in [0, lr]")
+        check("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two values in [0, 1)")
+        check("weight_decay", self.weight_decay >= 0, "must be >= 0")
+        check("warmup_epochs", self.warmup_epochs >= 0, "must be >= 0")
+        check("epochs", self.epochs >= 1, "must be >= 1")
+        check("max_steps", self.max_steps is None or self.max_steps >= 0, "must be None or >= 0")
+        check("label_drop", 0 <= self.label_drop < 1, "must be in [0, 1)")
+        check("grad_clip", self.grad_clip >= 0, "must be >= 0 (0 disables)")
+        check("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)")
+        for name in ("extract_batch_size", "log_interval", "ckpt_interval", "keep_checkpoints", "sample_classes",
+                     "sample_images", "max_bad_steps"):
+            check(name, getattr(self, name) >= 1, "must be >= 1")
+        check("sample_interval", self.sample_interval >= 0, "must be >= 0")
+        check("zero_stage", self.zero_stage in (0, 1, 2),
+              "must be 0, 1 or 2 (stage 3 partitions the weights the rank-0 sample grids need whole)")
+        check("precision", self.precision in ("auto", "fp32", "bf16"), "must be auto, fp32 or bf16")
+
+
+# --- 1. token grids ---------------------------------------------------------------------------------------------
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _token_dtype(codebook_size: int) -> torch.dtype:
+    return torch.int16 if codebook_size <= 2**15 else torch.int32   # ImageNet x 2 flips x 256: 1.3 GB as int16
+
+
+def _valid_cache(path: Path, tokenizer_hash: str, flip: bool) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    cache = torch.load(path, map_location="cpu", weights_only=True)
+    if cache.get("tokenizer_hash") != tokenizer_hash or cache.get("flip") != flip:
+        return None
+    return cache
+
+
+@torch.no_grad()
+def extract_tokens(cfg, run_dir: Path, tokenizer, tokenizer_hash: str, info, precision: str, jsonl=None) -> dict:
+    """Collective. DIR/tokens/tokens.pt = {"tokens": [N, F, h, w] (F = 2 with flips), "labels": [N],
+    "num_classes", "tokenizer_hash", "flip"}; reused when its hash and flip setting match. Each rank encodes its
+    share of the images into DIR/tokens/part-rank<r>.pt; rank 0 merges them by image index (the run folder is
+    shared, as DeepSpeed's checkpoints already require)."""
+    from tokpost_fast.data import build_loader
+    from tokpost_fast.stages.run_log import progress_bar
+
+    gen = cfg.gen
+    folder = Path(run_dir) / "tokens"
+    path = folder / "tokens.pt"
+    cache = _valid_cache(path, tokenizer_hash, gen.flip)
+    if cache is not None:
+        return cache
+    if path.is_file() and jsonl is not None:
+        jsonl.event(0, f"{path} was made by another tokenizer or flip setting: re-extracting")
+    data_cfg = dataclasses.replace(cfg.data, batch_size=gen.extract_batch_size)
+    loader = build_loader(data_cfg, train=False, rank=info.rank, world_size=info.world_size, seed=0, epoch=0)
+    dtype = _token_dtype(tokenizer.codebook_size)
+    tokenizer = tokenizer.to(info.device).eval()
+    parts = {"indices": [], "tokens": [], "labels": []}
+    bar = progress_bar(len(loader), 0, info.is_main, "extract tokens")
+    for images, batch_labels, indices in loader:
+        images = images.to(info.device, non_blocking=True)
+        with autocast(info.device, precision):
+            codes = [tokenizer.encode(images)] + ([tokenizer.encode(images.flip(-1))] if gen.flip else [])
+        parts["tokens"].append(torch.stack(codes, dim=1).cpu().to(dtype))      # [b, F, h, w]
+        parts["labels"].append(torch.as_tensor(batch_labels).cpu().long())
+        parts["indices"].append(torch.as_tensor(indices).cpu().long())
+        bar.update(1)
+    bar.close()
+    if info.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+    barrier()
+    _atomic_save({k: torch.cat(v) for k, v in parts.items()}, folder / f"part-rank{info.rank}.pt")
+    barrier()
+    if info.is_main:
+        count, views, grid = len(loader.dataset), 2 if gen.flip else 1, tokenizer.grid_size
+        tokens = torch.zeros(count, views, grid, grid, dtype=dtype)
+        labels = torch.full((count,), -1, dtype=torch.long)
+        for rank in range(info.world_size):
+            part = torch.load(folder / f"part-rank{rank}.pt", map_location="cpu", weights_only=True)
+            tokens[part["indices"]], labels[part["indices"]] = part["tokens"], part["labels"]
+        encoded = labels >= 0   # an unreadable image (data.on_bad_image="skip") is encoded by no rank: drop its row
+        if not encoded.all():
+            message = f"token extraction: {int((~encoded).sum())} unreadable images left out"
+            if jsonl is not None:
+                jsonl.event(0, message)
+            tokens, labels = tokens[encoded], labels[encoded]
+        num_classes = getattr(loader.dataset, "num_classes", None) or int(labels.max()) + 1
+        _atomic_save({"tokens": tokens, "labels": labels, "num_classes": int(num_classes),
+                      "tokenizer_hash": tokenizer_hash, "flip": gen.flip}, path)
+        for rank in range(info.world_size):
+            (folder / f"part-rank{rank}.pt").unlink()
+    barrier()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --- 2. the optimizer and engine --------------------------------------------------------------------------------
+def fused_adamw(model: torch.nn.Module, lr: float, betas, weight_decay: float, device: torch.device):
+    """AdamW with decay on weight matrices only. apex FusedAdam when importable, torch's fused CUDA kernel on a
+    GPU, torch's multi-tensor (foreach) AdamW on the CPU (DeepSpeedCPUAdam would need a JIT C++ build)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if device.type == "cuda":
+        try:
+            from apex.optimizers import FusedAdam
+            return "apex.FusedAdam", FusedAdam(groups, lr=lr, betas=tuple(betas), adam_w_mode=True)
+        except ImportError:
+            return "torch.AdamW(fused)", torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
+    return "torch.AdamW(foreach)", torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), foreach=True)
+
+
+def _epoch_order(seed: int, epoch: int, count: int, views: int):
+    """(permutation [N], flip choice [N]) of an epoch: a pure function of (seed, epoch), so resume replays it."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(count, generator=g), torch.randint(0, views, (count,), generator=g)
+
+
+# --- 3. the stage -----------------------------------------------------------------------------------------------
+def run(cfg, run_dir: Path, resume: bool = False) -> dict:
+    import deepspeed
+
+    from tokpost_fast.models.tokenizer import load_tokenizer
+    from tokpost_fast.sample import file_sha256, sample_images, save_image_grid
+    from tokpost_fast.stages.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from tokpost_fast.stages.run_log import JsonlLog, progress_bar
+
+    gen, run_dir = cfg.gen, Path(run_dir)
+    stage_dir = run_dir / "gen"
+    info = init_distributed()
+    precision = resolve_precision(gen.precision, info.device)
+    if gen.global_batch_size % info.world_size:
+        raise ValueError(f"gen.global_batch_size={gen.global_batch_size} is not divisible by the world size "
+                         f"{info.world_size}")
+    micro = gen.global_batch_size // info.world_size
+    tokenizer_path = run_dir / "tokenizer.pt"
+    if not tokenizer_path.is_file():
+        raise FileNotFoundError(f"{tokenizer_path} is missing: run --stage main first (it exports the tokenizer)")
+    tokenizer_hash = file_sha256(tokenizer_path)
+    tokenizer = load_tokenizer(str(tokenizer_path)).eval()
+    if info.is_main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    checkpoint = latest_checkpoint(stage_dir) if resume else None
+    jsonl = JsonlLog(stage_dir / "log.jsonl", info.is_main,
+                     resume_step=None if checkpoint is None else int(checkpoint.name.split("-")[1]))
+    data = extract_tokens(cfg, run_dir, tokenizer, tokenizer_hash, info, precision, jsonl)
+    token_grids, labels = data["tokens"], data["labels"]
+    count, views = token_grids.shape[:2]
+    steps_per_epoch = count // gen.global_batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"{count} training images is fewer than gen.global_batch_size={gen.global_batch_size}")
+    total_steps = gen.epochs * steps_per_epoch
+    stop_at = min(total_steps, gen.max_steps) if gen.max_steps is not None else total_steps
+    warmup = int(gen.warmup_epochs * steps_per_epoch)
+
+    model_cfg = generator_config(gen.preset, **{"num_classes": data["num_classes"], **gen.model},
+                                 vocab_size=tokenizer.codebook_size, seq_len=tokenizer.grid_size ** 2,
+                                 class_dropout=gen.label_drop)
+    seed_everything(gen.seed)                        # the same initial weights on every rank
+    gpt = build_generator(model_cfg).to(info.device)
+    opt_name, optimizer = fused_adamw(gpt, gen.lr, gen.betas, gen.weight_decay, info.device)
+    ds_config = deepspeed_config(gen.deepspeed_config, micro, info.world_size, gen.zero_stage, gen.grad_clip)
+    engine, _, _, _ = deepspeed.initialize(model=gpt, optimizer=optimizer, config=ds_config)
+    ema = EMA(gpt, gen.ema_decay) if gen.ema_decay > 0 else None
+    guard = NonFiniteGuard(gen.max_bad_steps, info.device)
+    step = 0
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, {"gpt": engine}, info)
+        if state["tokenizer_hash"] != tokenizer_hash:
+            raise ValueError(f"{checkpoint} was trained on another tokenizer than {tokenizer_path}")
+        step = state["step"]
+        guard.load_state_dict(state["guard"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+    else:
+        seed_everything(gen.seed + 7919 * info.rank)  # per-rank label-dropout draws
+        jsonl.write({"step": 0, "event": "start", "params": gpt.num_params(), "optimizer": opt_name,
+                     "images": count, "views": views, "steps": total_steps, "world_size": info.world_size,
+                     "model": dataclasses.asdict(model_cfg)})
+
+    def state_dict() -> dict:
+        return {"step": step, "tokenizer_hash": tokenizer_hash, "guard": guard.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None}
+
+    def sample_grid() -> None:
+        if not info.is_main:
+            return
+        classes = torch.arange(min(gen.sample_classes, model_cfg.num_classes), device=info.device)
+        sampled = sample_images(gpt, tokenizer.to(info.device), classes.repeat_interleave(gen.sample_images),
+                                cfg_scale=gen.sample_cfg_scale, cfg_power=gen.sample_cfg_power,
+                                generator=torch.Generator(info.device).manual_seed(gen.seed))
+        gpt.free_cache()
+        save_image_grid(sampled, stage_dir / "samples" / f"step-{step:08d}.png", nrow=gen.sample_images)
+
+    bar = progress_bar(stop_at, step, info.is_main, "gen")
+    order_epoch, order = -1, None
+    loss_sum, tokens_seen, t0 = torch.zeros(2, dtype=torch.float64), 0, time.perf_counter()
+    while step < stop_at:
+        epoch, within = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:
+            order_epoch, order = epoch, _epoch_order(gen.seed, epoch, count, views)
+        rows = order[0][within * gen.global_batch_size:][info.rank * micro:(info.rank + 1) * micro]
+        tokens = token_grids[rows, order[1][rows]].flatten(1).long().to(info.device, non_blocking=True)
+        batch_labels = labels[rows].to(info.device, non_blocking=True)
+        lr = cosine_lr(step, total_steps, warmup, gen.lr, gen.min_lr)
+        set_lr(optimizer, lr)
+        engine.train()
+        with autocast(info.device, precision):
+            logits = engine(tokens, gpt.drop_labels(batch_labels, gen.label_drop))
+        loss = next_token_loss(logits, tokens)
+        if guard.ok(loss):
+            engine.backward(loss)
+            engine.step()
+            if ema is not None:
+                ema.update(gpt)
+            loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+        step += 1
+        tokens_seen += tokens.numel()
+        bar.update(1)
+        if step % gen.log_interval == 0 or step == stop_at:
+            totals = all_reduce_sum(torch.cat([loss_sum, torch.tensor([float(tokens_seen)], dtype=torch.float64)]))
+            elapsed = time.perf_counter() - t0
+            row = {"step": step, "epoch": step / steps_per_epoch, "lr": lr, "skipped": guard.skipped,
+                   "loss": float(totals[0] / max(totals[1], 1.0)), "tokens_per_s": float(totals[2]) / elapsed}
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                row["grad_norm"] = float(grad_norm)
+            jsonl.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
+            loss_sum.zero_()
+            tokens_seen, t0 = 0, time.perf_counter()
+        if step % gen.ckpt_interval == 0 or step == stop_at:
+            save_checkpoint(stage_dir, step, {"gpt": engine}, state_dict(), info, keep=gen.keep_checkpoints)
+        if (gen.sample_interval and step % gen.sample_interval == 0) or step == stop_at:
+            sample_grid()
+    bar.close()
+
+    export = run_dir / "generator.pt"
+    if info.is_main:
+        final = ema.copy_to(build_generator(model_cfg)) if ema is not None else gpt
+        save_generator(final, export, extra={"tokenizer_hash": tokenizer_hash, "step": step,
+                                             "gen_config": dataclasses.asdict(gen), "ema": ema is not None})
+        jsonl.write({"step": step, "event": "export", "path": str(export)})
+    jsonl.close()
+    barrier()
+    return {"step": step, "generator": str(export), "tokens": count * views}

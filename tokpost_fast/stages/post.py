@@ -1,0 +1,290 @@
+"""Stage `post`: post-train the decoder on the cached generated token grids (SPEC A5.2).
+
+    deepspeed [--num_gpus N] tokpost_fast/train.py --stage post --config configs/demo.yaml --run-dir DIR [--resume]
+        [--set post.input=reencode] [--set post.train_codebook=true]
+
+The decoder learns to map each cached grid (DIR/cache, built by --stage cache) to its paired *real* image with the
+main stage's objective (the same GeneratorObjective and TokenizerLoss: MSE, LPIPS, adaptive-weight hinge GAN
+against a freshly initialised discriminator from post.disc_start = 0 on, semantic term), as two DeepSpeed engines
+with EMA. Encoder and codebook are frozen (post.train_codebook unfreezes the codebook, as the official code
+leaves it; our default keeps it, since the generator's indices refer to it: SPEC A7); no latent perturbation.
+
+post.input: "tokens" (default) looks the cached ids up in the codebook and decodes them, what the paper describes;
+"reencode" reproduces the official pipeline: decode the grid with the frozen main-stage tokenizer, round to 8 bits
+(its PNG files), re-encode with the frozen encoder, quantize, decode.
+
+The cache is verified first (index checksums, tokenizer hash, settings against this config's cache section, each
+shard's own metadata, each row's image path): a mismatch is refused naming the shard. Checkpoints, log.jsonl and
+sample grids live in DIR/post/; the result is DIR/tokenizer_post.pt (EMA decoder; encoder and codebook copied
+bit-exact from DIR/tokenizer.pt), never written over DIR/tokenizer.pt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from tokpost_fast.data import ImageFolderDataset
+from tokpost_fast.losses import build_tokenizer_loss
+from tokpost_fast.models.tokenizer import build_discriminator, load_tokenizer, save_tokenizer
+from tokpost_fast.perturb import step_seed
+from tokpost_fast.stages.cache import cache_settings, select_images
+from tokpost_fast.stages.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tokpost_fast.stages.common import (EMA, NonFiniteGuard, autocast, barrier, build_engine, cosine_lr,
+                                        deepspeed_config, init_distributed, param_count, resolve_precision,
+                                        seed_everything, set_lr)
+from tokpost_fast.stages.main import GeneratorObjective, state_hash
+from tokpost_fast.stages.post_config import INPUTS, PostStageConfig  # noqa: F401  (re-exported)
+from tokpost_fast.stages.run_log import JsonlLog, StepTimer, progress_bar, save_image_grid
+from tokpost_fast.stages.token_cache import INDEX, CacheMismatch, file_sha256, load_rows, verify_cache
+
+log = logging.getLogger("tokpost_fast.train")
+
+
+class PostObjective(GeneratorObjective):
+    """Main's objective with the decoder fed from the cache instead of the encoder: no perturbation, no
+    codebook / commitment terms in "tokens" mode (nothing upstream of the ids trains)."""
+
+    def reconstruct(self, images: torch.Tensor, token_grid: torch.Tensor,
+                    source_images: Optional[torch.Tensor] = None):
+        if source_images is None:                                   # "tokens": [B, h, w] ids -> codes
+            z_q = self.tokenizer.quantize.lookup(token_grid)
+            return self.tokenizer.decode(z_q), None, z_q
+        q = self.tokenizer.quantize(self.tokenizer.encode_latent(source_images))   # "reencode"
+        return self.tokenizer.decode(q.z_q), q, None
+
+
+def freeze_for_post(tokenizer: nn.Module, train_codebook: bool) -> list[str]:
+    """requires_grad off for the encoder side (and the codebook unless train_codebook); returns the names of the
+    parameters that still train."""
+    frozen = {id(p) for p in tokenizer.encoder_parameters()}
+    if not train_codebook:
+        frozen |= {id(p) for p in tokenizer.codebook_parameters()}
+    for p in tokenizer.parameters():
+        p.requires_grad_(id(p) not in frozen)
+    return [n for n, p in tokenizer.named_parameters() if p.requires_grad]
+
+
+def to_8bit(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> the 256 levels a PNG stores, back in [-1, 1] (the official re-encode path reads PNGs)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+class PairedRows(torch.utils.data.Dataset):
+    """Cache row r -> (real image [3, S, S], cached grid [h, w] int64, row r)."""
+
+    def __init__(self, dataset, rows):
+        self.dataset, self.rows = dataset, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, row: int):
+        index = int(self.rows.sample_index[row])
+        image, _, got, bad = self.dataset[index]
+        if got != index:
+            raise ValueError(f"real image {self.dataset.path(index)} of cache row {row} is unreadable: {bad}")
+        return image, self.rows.tokens[row], row
+
+
+def load_verified_cache(cfg, run_dir: Path, tokenizer_sha256: str, dataset):
+    """(index, rows) of DIR/cache after every check; CacheMismatch names the offending shard."""
+    folder = Path(run_dir) / "cache"
+    expected = cache_settings(cfg, len(select_images(len(dataset), cfg.cache.num_images, cfg.cache.seed)))
+    index = verify_cache(folder, tokenizer_sha256, expected)
+    rows = load_rows(folder, index)
+    for entry in index["shards"]:
+        for row in range(entry["first_row"], entry["first_row"] + entry["rows"]):
+            index_of_row = int(rows.sample_index[row])
+            if index_of_row >= len(dataset) or dataset.relative_path(index_of_row) != rows.relative_paths[row]:
+                raise CacheMismatch(f"shard {folder / entry['file']}: row {row} pairs with "
+                                    f"{rows.relative_paths[row]!r}, which is not image {index_of_row} of "
+                                    f"{cfg.data.root} any more; rebuild the cache")
+    return index, rows
+
+
+def _epoch_batches(seed: int, epoch: int, count: int, global_batch: int, rank: int, micro: int, skip: int):
+    """This rank's row lists for the rest of an epoch: a permutation keyed by (seed, epoch) only."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    steps = count // global_batch
+    return [order[s * global_batch + rank * micro:s * global_batch + (rank + 1) * micro].tolist()
+            for s in range(skip, steps)]
+
+
+def run(cfg, run_dir: Path, resume: bool = False) -> dict:
+    pc, run_dir = cfg.post, Path(run_dir)
+    stage_dir = run_dir / "post"
+    info = init_distributed()
+    device = info.device
+    precision = resolve_precision(pc.precision, device)
+    if pc.global_batch_size % info.world_size:
+        raise ValueError(f"post.global_batch_size={pc.global_batch_size} is not divisible by the world size "
+                         f"{info.world_size}")
+    micro = pc.global_batch_size // info.world_size
+    tokenizer_path = run_dir / "tokenizer.pt"
+    if not tokenizer_path.is_file():
+        raise FileNotFoundError(f"{tokenizer_path} is missing: run --stage main first (or import one with "
+                                "--tokenizer llamagen:PATH)")
+    tokenizer_sha = file_sha256(tokenizer_path)
+    dataset = ImageFolderDataset(cfg.data, train=False, seed=0, epoch=0)
+    index, rows = load_verified_cache(cfg, run_dir, tokenizer_sha, dataset)
+    index_sha = file_sha256(run_dir / "cache" / INDEX)
+    count = len(rows)
+    steps_per_epoch = count // pc.global_batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"the cache holds {count} rows, fewer than post.global_batch_size={pc.global_batch_size}")
+    total_steps = pc.epochs * steps_per_epoch
+    stop_step = total_steps if pc.max_steps is None else min(total_steps, pc.max_steps)
+    warmup_steps = round(pc.warmup_epochs * steps_per_epoch)
+    disc_min_lr = pc.min_lr / pc.lr * pc.disc_lr
+
+    original = load_tokenizer(str(tokenizer_path)).to(device).eval().requires_grad_(False)
+    seed_everything(pc.seed)                          # the same fresh discriminator on every rank
+    tokenizer = load_tokenizer(str(tokenizer_path)).to(device)
+    trainable = freeze_for_post(tokenizer, pc.train_codebook)
+    loss_fn = build_tokenizer_loss(dataclasses.replace(cfg.loss, disc_start=pc.disc_start), tokenizer).to(device)
+    discriminator = build_discriminator(cfg.loss.disc_ndf, cfg.loss.disc_layers).to(device)
+    objective = PostObjective(tokenizer, loss_fn, discriminator)
+    ds_cfg = deepspeed_config(pc.deepspeed_config, micro, info.world_size, pc.zero_stage, pc.grad_clip)
+    ae, ae_opt = build_engine(objective, [p for p in objective.parameters() if p.requires_grad], pc.lr, pc.betas,
+                              pc.weight_decay, ds_cfg)
+    de, de_opt = build_engine(discriminator, discriminator.parameters(), pc.disc_lr, pc.betas,
+                              pc.disc_weight_decay, ds_cfg)
+    engines = {"decoder": ae, "discriminator": de}
+    ema = EMA(tokenizer, pc.ema_decay)
+    guard = NonFiniteGuard(pc.max_bad_steps, device)
+
+    if info.is_main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    step = 0
+    checkpoint = latest_checkpoint(stage_dir) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, engines, info)
+        if state["cache_index_sha256"] != index_sha:
+            raise ValueError(f"{checkpoint} was trained on another cache than {run_dir / 'cache'} (index sha256 "
+                             f"{state['cache_index_sha256']} vs {index_sha}); start without --resume")
+        step = state["step"]
+        ema.load_state_dict(state["ema"])
+        loss_fn.lecam.load_state_dict(state["lecam"])
+        guard.load_state_dict(state["guard"])
+    jsonl = JsonlLog(stage_dir / "log.jsonl", info.is_main, resume_step=step if checkpoint is not None else None)
+    if checkpoint is None:
+        jsonl.write({"step": 0, "event": "start", "world_size": info.world_size, "local_batch": micro,
+                     "rows": count, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                     "stop_step": stop_step, "input": pc.input, "train_codebook": pc.train_codebook,
+                     "trainable": trainable, "params_trainable": param_count(
+                         p for p in objective.parameters() if p.requires_grad),
+                     "params_discriminator": param_count(discriminator.parameters()), "precision": precision,
+                     "cache_index_sha256": index_sha, "tokenizer_sha256": tokenizer_sha})
+
+    pairs = PairedRows(dataset, rows)
+    shown = [i * count // min(pc.sample_images, count) for i in range(min(pc.sample_images, count))]
+
+    @torch.no_grad()
+    def sample_grid(name: str, model) -> None:
+        real = torch.stack([pairs[i][0] for i in shown]).to(device)
+        grids = rows.tokens[shown].to(device)
+        was_training = model.training
+        model.eval()
+        with autocast(device, precision):
+            rows_out = [real, original.decode_codes(grids), model.decode_codes(grids)]
+        model.train(was_training)
+        save_image_grid(stage_dir / "samples" / name, rows_out)
+
+    def save(at_step: int) -> None:
+        state = {"step": at_step, "ema": ema.state_dict(), "lecam": loss_fn.lecam.state_dict(),
+                 "guard": guard.state_dict(), "cache_index_sha256": index_sha}
+        save_checkpoint(stage_dir, at_step, engines, state, info, keep=pc.keep_checkpoints)
+
+    timer = StepTimer(device, sync=False)
+    bar = progress_bar(stop_step, step, info.is_main, desc="post")
+    sums: dict[str, torch.Tensor] = {}
+    sums_n, images_seen, interval_t0 = 0, 0, time.perf_counter()
+    last_saved = step if checkpoint is not None else -1
+    ae.train()
+    de.train()
+    while step < stop_step:
+        epoch, within = divmod(step, steps_per_epoch)
+        batches = _epoch_batches(pc.seed, epoch, count, pc.global_batch_size, info.rank, micro, within)
+        loader = torch.utils.data.DataLoader(pairs, batch_sampler=batches, num_workers=cfg.data.num_workers)
+        for images, token_grid, _ in loader:
+            if step >= stop_step:
+                break
+            images, token_grid = images.to(device, non_blocking=True), token_grid.to(device, non_blocking=True)
+            torch.manual_seed(step_seed(pc.seed, step, info.rank, stream="post"))   # DiffAugment draws
+            lr = cosine_lr(step, total_steps, warmup_steps, pc.lr, pc.min_lr)
+            disc_lr = cosine_lr(step, total_steps, warmup_steps, pc.disc_lr, disc_min_lr)
+            with timer.phase("forward"), autocast(device, precision):
+                source = None
+                if pc.input == "reencode":
+                    with torch.no_grad():
+                        source = to_8bit(original.decode_codes(token_grid).float())
+                loss, logs, recon, _ = ae(images, step, token_grid, source)
+            if guard.ok(loss):
+                with timer.phase("backward"):
+                    ae.backward(loss)
+                with timer.phase("optimizer"):
+                    set_lr(ae_opt, lr)
+                    ae.step()
+                    ema.update(tokenizer)
+                if loss_fn.gan_active(step):
+                    with timer.phase("disc"), autocast(device, precision):
+                        d_loss, d_logs = loss_fn.discriminator_loss(images, recon, step=step, discriminator=de)
+                        logs.update(d_logs)
+                    if guard.ok(d_loss):
+                        with timer.phase("disc"):
+                            de.backward(d_loss)
+                            set_lr(de_opt, disc_lr)
+                            de.step()
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
+                sums_n += 1
+            timer.step_done()
+            step += 1
+            images_seen += images.shape[0] * info.world_size
+            bar.update(1)
+            if step % pc.log_interval == 0 or step == stop_step:
+                elapsed = time.perf_counter() - interval_t0
+                row = {"step": step, "epoch": epoch, "lr": lr, "disc_lr": disc_lr, "nan_skipped": guard.skipped,
+                       **{k: float(v) / max(1, sums_n) for k, v in sums.items()}, **timer.summary(),
+                       "img_per_s": images_seen / elapsed if elapsed > 0 else 0.0}
+                jsonl.write(row)
+                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", img_s=f"{row['img_per_s']:.1f}")
+                sums, sums_n, images_seen, interval_t0 = {}, 0, 0, time.perf_counter()
+            if info.is_main and pc.sample_interval and step % pc.sample_interval == 0:
+                sample_grid(f"step-{step:08d}.png", tokenizer)
+            if step % pc.ckpt_interval == 0:
+                save(step)
+                last_saved = step
+    bar.close()
+    if last_saved != step:
+        save(step)
+
+    export = run_dir / "tokenizer_post.pt"
+    content_hash = None
+    if info.is_main:
+        exported = load_tokenizer(str(tokenizer_path))
+        ema.copy_to(exported)
+        # Frozen parts stay bit-exact: the EMA of a constant is the constant only up to rounding.
+        reference = original.state_dict()
+        exported.load_state_dict({k: (v if k in trainable else reference[k].cpu())
+                                  for k, v in exported.state_dict().items()})
+        content_hash = state_hash(exported.state_dict())
+        save_tokenizer(exported, str(export), extra={
+            "weights": "ema", "content_hash": content_hash, "step": step, "source_tokenizer": {
+                "path": str(tokenizer_path.resolve()), "sha256": tokenizer_sha},
+            "cache_index_sha256": index_sha, "post_config": dataclasses.asdict(pc),
+            "generator_sha256": index["generator"]["sha256"]})
+        sample_grid("final.png", exported.to(device))
+        jsonl.write({"step": step, "event": "exported", "path": str(export), "content_hash": content_hash,
+                     "nan_skipped": guard.skipped})
+    jsonl.close()
+    barrier()
+    return {"step": step, "tokenizer_post": str(export), "content_hash": content_hash}

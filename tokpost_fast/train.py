@@ -1,0 +1,102 @@
+"""The one entry point of every training stage (SPEC B3).
+
+    deepspeed [--num_gpus N] tokpost_fast/train.py --stage main --config configs/demo.yaml --run-dir runs/demo \
+        [--set train.lr=1e-4 --set perturb.beta=0.2 ...] [--resume] [--max-steps N] [--data-backend auto|dali|torch]
+
+Also runs under `torchrun --nproc_per_node N tokpost_fast/train.py ...` and plain `python tokpost_fast/train.py ...`
+(one process, a 1-rank gloo group: the same code path). The config is loaded and checked, and the stage looked up,
+before the process group or any model exists, so a typo costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script, Python puts tokpost_fast/ itself on sys.path, where config.py, data/, ops/ ... would shadow
+    # top-level modules of the same names. Put the repository root there instead (works without installing too).
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+from tokpost_fast.config import ConfigError, load_config
+from tokpost_fast.stages import SECTIONS, STAGES, StageNotImplemented, get_stage
+from tokpost_fast.stages.common import NonFiniteLossError
+
+DATA_BACKENDS = ("auto", "dali", "torch")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tokpost_fast/train.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", required=True, choices=STAGES)
+    parser.add_argument("--config", required=True, help="YAML file in configs/")
+    parser.add_argument("--run-dir", required=True, help="checkpoints, log.jsonl, samples and exports go here")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.lr=1e-4 (value read as YAML; repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/latest")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop after this many optimizer steps in total (the LR schedule does not change)")
+    parser.add_argument("--data-backend", choices=DATA_BACKENDS, default=None,
+                        help="image pipeline: DALI needs a GPU and nvidia-dali; auto picks it when it can")
+    parser.add_argument("--tokenizer", default=None, metavar="llamagen:PATH|PATH",
+                        help="off-the-shelf tokenizer for gen/cache/post, imported once into RUN_DIR/tokenizer.pt "
+                             "(stages/external_tokenizer.py)")
+    # The DeepSpeed launcher appends --local_rank=N; the rank is read from the environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """--set values, then the shortcut flags as the --set they stand for (so they are checked the same way)."""
+    out = list(args.overrides)
+    if args.max_steps is not None:
+        out.append(f"{SECTIONS[args.stage]}.max_steps={args.max_steps}")
+    if args.data_backend is not None:
+        out.append(f"data.backend={args.data_backend}")
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Parse, check, then run the stage. Callable in-process (tests): the process group is reused if present."""
+    args = parse_args(argv)
+    from tokpost_fast.stages.common import init_distributed, launcher_world_size
+
+    cfg = load_config(args.config, overrides(args), world_size=launcher_world_size(), stage=args.stage)
+    run = get_stage(args.stage)
+    init_distributed()
+    if args.tokenizer is not None:
+        from tokpost_fast.stages.external_tokenizer import install_tokenizer
+
+        install_tokenizer(args.tokenizer, Path(args.run_dir), cfg, args.stage)
+    return run(cfg, Path(args.run_dir), resume=args.resume)
+
+
+def _cli() -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        main()
+    except (ConfigError, StageNotImplemented) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"train.py: stopped: {e}", file=sys.stderr)
+        return 3
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())
