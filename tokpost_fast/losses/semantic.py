@@ -5,7 +5,7 @@ As RobusTok (xqgan_model.py + ClipLoss): the teacher is DINOv2 run at our image 
 token (after the final norm) goes through the tokenizer's own quant_conv (ViT width -> C) when the widths match,
 else through a trainable nn.Linear owned here (the CNN case; RobusTok's sem_linear). Features are not normalised,
 logit scale 1; the loss is the symmetric cross-entropy over the *global* batch: with torch.distributed initialised
-both feature sets are all-gathered with gradient (torch.distributed.nn.all_gather) and every rank computes the
+both feature sets are all-gathered with gradient (losses/contrastive.gather_with_grad) and every rank computes the
 same global loss. Built only when DINOv2 weights are given.
 """
 
