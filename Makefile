@@ -14,7 +14,17 @@ export CUDA_HOME
 MAX_JOBS ?= 2
 export MAX_JOBS
 DATA ?= data/embedded
+# `make demo PIPELINE=continuous`: the KL tokenizer + DiT pipeline (configs/demo_continuous.yaml, issue 8)
+PIPELINE ?= vq
+ifeq ($(PIPELINE),continuous)
+DEMO_CONFIG := configs/demo_continuous.yaml
+RUN_DIR ?= runs/demo_continuous
+else ifeq ($(PIPELINE),vq)
+DEMO_CONFIG := configs/demo.yaml
 RUN_DIR ?= runs/demo
+else
+$(error PIPELINE=$(PIPELINE): must be vq (the default) or continuous)
+endif
 PYTEST_ARGS ?=
 
 .PHONY: setup test demo data bench clean
@@ -42,7 +52,7 @@ bench: setup
 # main -> gen -> cache -> post -> evaluate before / after -> RUN_DIR/report.md (tokpost_fast/pipeline.py); builds
 # the embedded data when DATA is the missing data/embedded; a re-run skips the finished stages.
 demo: setup
-	$(PY) -m tokpost_fast.pipeline --config configs/demo.yaml --run-dir $(RUN_DIR) --data $(DATA)
+	$(PY) -m tokpost_fast.pipeline --config $(DEMO_CONFIG) --run-dir $(RUN_DIR) --data $(DATA)
 
 clean:
 	rm -rf build *.egg-info tokpost_fast/_C*.so runs

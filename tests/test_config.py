@@ -202,9 +202,9 @@ def test_train_flags_become_overrides():
     from tokpost_fast.train import overrides, parse_args
 
     args = parse_args(["--stage", "main", "--config", "c.yaml", "--run-dir", "r", "--set", "train.lr=1",
-                       "--max-steps", "7", "--data-backend", "torch", "--local_rank=1"])
-    assert overrides(args) == ["train.lr=1", "train.max_steps=7", "data.backend=torch"]
+                       "--max-steps", "7", "--data-backend", "torch", "--on-bad-image", "error", "--local_rank=1"])
+    assert overrides(args) == ["train.lr=1", "train.max_steps=7", "data.backend=torch", "data.on_bad_image=error"]
     cfg = load_config(REPO / "configs" / "demo.yaml", overrides(args))
-    assert cfg.train.max_steps == 7 and cfg.data.backend == "torch"
+    assert cfg.train.max_steps == 7 and cfg.data.backend == "torch" and cfg.data.on_bad_image == "error"
     with pytest.raises(SystemExit):
         parse_args(["--stage", "nope", "--config", "c.yaml", "--run-dir", "r"])

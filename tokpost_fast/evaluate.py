@@ -3,10 +3,13 @@
     python -m tokpost_fast.evaluate --run-dir runs/demo [--metrics rfid,pfid,gfid,is,prec,rec] [--num N]
         [--pfid-alpha 1.0 --pfid-delta 100] [--pfid-curve] [--inception-weights pt_inception-2015-12-05-6726825d.pth]
         [--tokenizer PATH] [--generator PATH] [--config configs/demo.yaml]
+    a continuous (KL) tokenizer + DiT run folder: [--pfid-noise 0.5] [--sample-steps 50] [--cfg-scale g]
 
 Writes RUN_DIR/metrics.json (or --out) and prints a table. Without --inception-weights every number comes from an
 offline proxy feature net and is labelled `proxy` (key names and table header): it ranks models, it is not paper
-FID. The Python API is tokpost_fast.metrics.evaluate_run / pfid_curve.
+FID. For a continuous tokenizer, pFID is the perturbed-latent FID (Gaussian noise of relative scale --pfid-noise
+on every latent): OUR ANALOGUE, not the paper's VQ pFID, and labelled so. The Python API is
+tokpost_fast.metrics.evaluate_run / pfid_curve.
 """
 
 from __future__ import annotations
@@ -29,12 +32,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--pfid-alpha", type=float, default=None, help="pFID perturbation rate (default 1.0)")
     p.add_argument("--pfid-delta", type=int, default=None, help="pFID neighbourhood size (default min(100, K))")
     p.add_argument("--pfid-seed", type=int, default=None, help="pFID perturbation seed (default 0)")
+    p.add_argument("--pfid-noise", type=float, default=None,
+                   help="continuous tokenizers: the latent noise of the perturbed-latent FID, relative to each "
+                        "image's latent std (default 0.5; our analogue of pFID)")
     p.add_argument("--pfid-curve", action="store_true",
-                   help="also pFID at alpha 0, 0.25, 0.5, 0.75, 1 -> RUN_DIR/pfid_curve.png + .json")
+                   help="also pFID at alpha 0, 0.25, 0.5, 0.75, 1 (continuous: at noise 0 ... 1) -> "
+                        "RUN_DIR/pfid_curve.png + .json")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
                    help="the FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth); default: offline proxy")
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer checkpoint (default RUN_DIR/tokenizer.pt), or llamagen:PATH for a LlamaGen VQ file")
+                   help="tokenizer checkpoint (default RUN_DIR/tokenizer.pt), llamagen:PATH for a LlamaGen VQ file or "
+                        "sdvae:PATH for a Stable Diffusion VAE (diffusers layout)")
     p.add_argument("--generator", default=None, help="generator checkpoint (default RUN_DIR/generator.pt)")
     p.add_argument("--config", default=None, help="run config YAML (default RUN_DIR/config.yaml)")
     p.add_argument("--batch-size", type=int, default=None)
@@ -43,6 +51,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--cfg-scale", type=float, default=None, help="generator guidance scale g")
     p.add_argument("--cfg-power", type=float, default=None, help="guidance schedule power p")
     p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--sample-steps", type=int, default=None,
+                   help="DiT generators: Euler steps (default: the config's eval.sample_steps, else gen.sample_steps)")
     p.add_argument("--gen-seed", type=int, default=None)
     p.add_argument("--out", default=None, help="metrics file (default RUN_DIR/metrics.json)")
     p.add_argument("--no-progress", action="store_true")
@@ -54,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from tokpost_fast.metrics.run import evaluate_run
 
     tokenizer = args.tokenizer
-    if tokenizer is not None and tokenizer.startswith("llamagen:"):
+    if tokenizer is not None and tokenizer.startswith(("llamagen:", "sdvae:")):
         from tokpost_fast.stages.external_tokenizer import image_size_of_run, load_tokenizer_spec
 
         tokenizer = load_tokenizer_spec(tokenizer, image_size_of_run(args.run_dir, args.config))
@@ -64,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         inception_weights=args.inception_weights, tokenizer=tokenizer, generator=args.generator,
         config=args.config, batch_size=args.batch_size, device=args.device, stats_dir=args.stats_dir,
         cfg_scale=args.cfg_scale, cfg_power=args.cfg_power, temperature=args.temperature, gen_seed=args.gen_seed,
-        out=args.out, progress=not args.no_progress,
+        out=args.out, progress=not args.no_progress, pfid_noise=args.pfid_noise, sample_steps=args.sample_steps,
     )
 
 

@@ -2,6 +2,10 @@
 are perturbed, and the per-step seed. The operator itself (top-delta resampling with in-kernel Philox draws) is
 tokpost_fast.ops.perturb_codes, reached through the tokenizer's forward(perturb_samples=n).
 
+Continuous tokenizers (arch kl_cnn) have no codes to resample; their analogue is Gaussian noise of relative scale
+`noise` on the sampled latent (models/tokenizer/kl.py: gaussian_perturb), annealed by the same ratio r(e) as alpha
+and applied to the same first floor(B_local * beta) samples. alpha / delta then do nothing, as noise does for VQ.
+
 Everything here is a pure function of its arguments, so a resumed run draws exactly what a straight run draws.
 """
 
@@ -20,6 +24,8 @@ class PerturbConfig:
     alpha: float = 1.0           # probability that a token is resampled among its delta nearest codes
     beta: float = 0.1            # fraction of each local batch that decodes the perturbed latent (constant)
     delta: int = 100             # how many nearest codes a token may be resampled among (itself included)
+    noise: float = 0.5           # continuous tokenizers only: sigma of the Gaussian added to a perturbed latent,
+                                 # in units of that image's latent std (ours: no paper value; 0.5 = SNR 4)
     anneal_start: float = 40.0   # epoch s: r = 1 before it
     anneal_end: float = 120.0    # epoch t: r reaches end_ratio here and stays there
     end_ratio: float = 0.5       # r after t
@@ -35,6 +41,7 @@ class PerturbConfig:
         check("alpha", 0.0 <= self.alpha <= 1.0, "must be in [0, 1]")
         check("beta", 0.0 <= self.beta <= 1.0, "must be in [0, 1]")
         check("delta", self.delta >= 1, "must be >= 1 (1 = no perturbation)")
+        check("noise", self.noise >= 0, "must be >= 0 (0 = no perturbation of continuous latents)")
         check("anneal_start", self.anneal_start >= 0, "must be >= 0")
         check("anneal_end", self.anneal_end >= self.anneal_start, "must be >= anneal_start")
         check("end_ratio", 0.0 <= self.end_ratio <= 1.0, "must be in [0, 1]")
@@ -45,6 +52,7 @@ class PerturbParams(NamedTuple):
     rate: float   # alpha_e
     topk: int     # delta_e
     beta: float
+    noise: float = 0.0  # noise_e (continuous latents)
 
 
 def anneal_ratio(epoch: float, start: float, end: float, end_ratio: float, ramp: str = "robustok") -> float:
@@ -66,9 +74,17 @@ def anneal_ratio(epoch: float, start: float, end: float, end_ratio: float, ramp:
 
 
 def perturb_params(cfg: PerturbConfig, epoch: float) -> PerturbParams:
-    """alpha_e = r * alpha, delta_e = int(r * delta) (at least 1, which means "no perturbation"), beta constant."""
+    """alpha_e = r * alpha, delta_e = int(r * delta) (at least 1, which means "no perturbation"), beta constant;
+    noise_e = r * noise for continuous latents."""
     r = anneal_ratio(epoch, cfg.anneal_start, cfg.anneal_end, cfg.end_ratio, cfg.ramp)
-    return PerturbParams(rate=r * cfg.alpha, topk=max(1, int(r * cfg.delta)), beta=cfg.beta)
+    return PerturbParams(rate=r * cfg.alpha, topk=max(1, int(r * cfg.delta)), beta=cfg.beta, noise=r * cfg.noise)
+
+
+def perturbed_samples(params: PerturbParams, local_batch: int, continuous: bool) -> int:
+    """How many leading samples of this local batch are perturbed this step: floor(B * beta) while the operator
+    of this tokenizer kind does anything (VQ: rate > 0 and delta > 1; continuous: noise > 0), else 0."""
+    active = params.noise > 0 if continuous else params.rate > 0 and params.topk > 1
+    return perturbed_count(local_batch, params.beta) if active else 0
 
 
 def perturbed_count(local_batch: int, beta: float) -> int:

@@ -11,6 +11,12 @@ tokpost_fast.metrics.evaluate_run on the same class-balanced real images, the sa
 seed, with RUN/tokenizer.pt ("before") and with RUN/tokenizer_post.pt ("after"), the two in parallel
 single-thread processes.
 
+VQ or continuous, from the config alone: a VQ tokenizer (tokenizer.arch vq_cnn / vit) with the AR generator
+(gen.generator: ar; configs/demo.yaml), or a continuous one (arch kl_cnn) with the DiT (gen.generator: dit;
+configs/demo_continuous.yaml, `make demo PIPELINE=continuous`). Every stage reads its settings from the resolved
+config (the DiT, the latent cache's post_strength, ...), so the stages run with the same flags either way; a config
+that pairs the wrong generator with its tokenizer is refused before the main stage starts.
+
 Resumable: RUN/pipeline.json records every finished stage and its wall time; a re-run skips those, restarts an
 unfinished training stage with --resume (the cache stage continues at its first missing shard) and rewrites the
 report. The resolved config (with --data and --set applied) is RUN/pipeline_config.yaml; a re-run with another
@@ -32,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from tokpost_fast.atomic import atomic_write_json
+
 log = logging.getLogger("tokpost_fast.pipeline")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +51,18 @@ STAGES = (("data", ()), ("main", ("tokenizer.pt",)), ("gen", ("generator.pt",)),
 EVALUATIONS = (("before", "tokenizer.pt"), ("after", "tokenizer_post.pt"))
 RESUMABLE = {"main": "checkpoints", "gen": "gen/checkpoints", "post": "post/checkpoints"}
 EVAL_METRICS = ("rfid", "pfid", "gfid")
+GENERATOR_OF = {"vq": "ar", "continuous": "dit"}    # pipeline kind -> the gen.generator it needs
+
+
+def pipeline_kind(cfg) -> str:
+    """"continuous" for a KL tokenizer (with a DiT), "vq" otherwise (with the AR generator); a config that pairs a
+    tokenizer with the other kind's generator is an error naming both fields."""
+    kind = "continuous" if cfg.tokenizer.arch == "kl_cnn" else "vq"
+    if cfg.gen.generator != GENERATOR_OF[kind]:
+        raise SystemExit(f"pipeline: tokenizer.arch={cfg.tokenizer.arch!r} is a {kind} tokenizer, which needs "
+                         f"gen.generator: {GENERATOR_OF[kind]} (the config has {cfg.gen.generator!r}); see "
+                         f"configs/demo{'_continuous' if kind == 'continuous' else ''}.yaml")
+    return kind
 
 
 # --- state --------------------------------------------------------------------------------------------------------
@@ -66,9 +86,7 @@ class PipelineState:
     def record(self, name: str, seconds: float, **extra) -> None:
         self.data["stages"][name] = {"seconds": round(seconds, 2), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                                      **extra}
-        tmp = self.path.with_name(".pipeline.json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, self.data)
 
     def seconds(self) -> dict[str, float]:
         return {name: rec["seconds"] for name, rec in self.data["stages"].items()}
@@ -218,9 +236,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     args = parse_args(argv)
     run_dir = Path(args.run_dir).resolve()
-    if args.fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ranks = args.ranks or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
     if args.launcher != "deepspeed":
         ranks = 1
@@ -229,11 +244,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = load_config(args.config, overrides)
     data_root = Path(args.data or cfg.data.root).expanduser().resolve()
     cfg = load_config(args.config, overrides + [f"data.root={data_root}"])
+    kind = pipeline_kind(cfg)
+    if args.fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "pipeline_config.yaml"
     digest = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
     state = PipelineState(run_dir, digest)
     dump_config(cfg, config_path)
-    print(f"pipeline: {run_dir} ({args.launcher}, {ranks} rank(s)); config {config_path}", flush=True)
+    print(f"pipeline: {run_dir} ({kind}: {cfg.tokenizer.arch} tokenizer + {cfg.gen.generator} generator; "
+          f"{args.launcher}, {ranks} rank(s)); config {config_path}", flush=True)
 
     torch.set_num_threads(1)             # this process only evaluates and reports: see run_evaluation
     results: dict = {}

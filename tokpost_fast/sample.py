@@ -2,52 +2,85 @@
 
     python -m tokpost_fast.sample --run-dir DIR --classes 0,1,2 --num N --out grid.png \
         [--cfg-scale 4.0 --cfg-power 1.0 --temperature 1.0 --top-k 0 --top-p 1.0 --seed 0 --device cuda]
+    python -m tokpost_fast.sample --run-dir DIR ... [--steps 50 --cfg-scale 1.5]     (a DiT generator.pt)
 
 Loads DIR/generator.pt and DIR/tokenizer.pt, refuses a pair whose tokenizer hash (recorded in generator.pt at
 training time) does not match, samples N images per class (one row per class) and writes the grid as a PNG.
+A DiT (continuous tokenizer) samples latents with the Euler sampler and decodes model.decode(x0 / scaling_factor).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import tempfile
 
 import torch
 
-from tokpost_fast.models.generator import load_generator, sample
+from tokpost_fast.atomic import atomic_write_with, file_sha256  # noqa: F401  (file_sha256 re-exported)
+from tokpost_fast.models.generator import load_generator, sample, sample_dit
 
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+AR_ONLY = {"cfg_power": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}   # flags that mean nothing to a DiT
 
 
 def check_pair(gpt, tokenizer, tokenizer_path=None) -> None:
-    """The generator's tokens must be this tokenizer's codes: same vocabulary, grid and (when recorded) hash."""
+    """The generator's tokens must be this tokenizer's codes: same vocabulary, grid and (when recorded) hash. A
+    DiT's latents must be a continuous tokenizer's: same channels and grid."""
+    continuous = bool(getattr(tokenizer, "is_continuous", False))
+    if continuous != (gpt.kind == "dit"):
+        raise ValueError(f"a {gpt.kind!r} generator cannot drive a {'continuous' if continuous else 'VQ'} tokenizer "
+                         "(AR: VQ token grids; DiT: continuous latents)")
+    if continuous:
+        if (gpt.config.latent_channels, gpt.config.grid_size) != (tokenizer.latent_channels, tokenizer.grid_size):
+            raise ValueError(f"DiT latents {gpt.config.latent_channels} x {gpt.config.grid_size}^2 != tokenizer "
+                             f"latents {tokenizer.latent_channels} x {tokenizer.grid_size}^2")
+        check_tokenizer_lineage(gpt, tokenizer_path)
+        return
     if gpt.config.vocab_size != tokenizer.codebook_size:
         raise ValueError(f"generator vocab_size {gpt.config.vocab_size} != tokenizer codebook_size "
                          f"{tokenizer.codebook_size}")
     if gpt.config.seq_len != tokenizer.grid_size ** 2:
         raise ValueError(f"generator seq_len {gpt.config.seq_len} != tokenizer grid {tokenizer.grid_size}^2")
+    check_tokenizer_lineage(gpt, tokenizer_path)
+
+
+def tokenizer_lineage(tokenizer_path) -> list[str]:
+    """sha256 of the tokenizer file and, for a post-trained export (tokenizer_post.pt), of the tokenizer it was
+    post-trained from: a generator trained on either emits codes this decoder means to read."""
+    hashes = [file_sha256(tokenizer_path)]
+    try:                 # mmap: only the small dict of extras is read, not the weights
+        payload = torch.load(tokenizer_path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) file cannot be mapped
+        payload = torch.load(tokenizer_path, map_location="cpu", weights_only=False)
+    source = payload.get("source_tokenizer") if isinstance(payload, dict) else None
+    if isinstance(source, dict) and source.get("sha256"):
+        hashes.append(source["sha256"])
+    return hashes
+
+
+def check_tokenizer_lineage(gpt, tokenizer_path) -> None:
+    """Refuse a generator whose recorded tokenizer_hash (written by the gen stage) is not this tokenizer's nor the
+    one it was post-trained from; generators without a record (imported ones) pass."""
     recorded = getattr(gpt, "checkpoint_extra", {}).get("tokenizer_hash")
-    if recorded is not None and tokenizer_path is not None and recorded != file_sha256(tokenizer_path):
-        raise ValueError(f"{tokenizer_path} is not the tokenizer this generator was trained on "
-                         f"(generator.pt records tokenizer_hash {recorded[:12]}...)")
+    if recorded is None or tokenizer_path is None:
+        return
+    if recorded not in tokenizer_lineage(tokenizer_path):
+        raise ValueError(f"{tokenizer_path} is not the tokenizer this generator was trained on, nor post-trained "
+                         f"from it (generator.pt records tokenizer_hash {recorded[:12]}...)")
 
 
 @torch.no_grad()
 def sample_images(gpt, tokenizer, labels: torch.Tensor, batch_size: int = 64, **sampling) -> torch.Tensor:
-    """labels: [N] -> images [N, 3, H, W] in [-1, 1], sampled in chunks of batch_size."""
+    """labels: [N] -> images [N, 3, H, W] in [-1, 1], sampled in chunks of batch_size. `sampling` is sample()'s
+    settings for the AR generator, sample_dit()'s (steps, cfg_scale, generator) for a DiT."""
     grid = tokenizer.grid_size
     images = []
     for chunk in labels.split(batch_size):
-        tokens = sample(gpt, chunk, **sampling)
-        images.append(tokenizer.decode_codes(tokens.view(-1, grid, grid)).float().clamp(-1, 1))
+        if gpt.kind == "dit":
+            latents = sample_dit(gpt, chunk, **sampling) / tokenizer.scaling_factor
+            images.append(tokenizer.decode(latents).float().clamp(-1, 1))
+        else:
+            tokens = sample(gpt, chunk, **sampling)
+            images.append(tokenizer.decode_codes(tokens.view(-1, grid, grid)).float().clamp(-1, 1))
     return torch.cat(images)
 
 
@@ -58,18 +91,7 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int) ->
 
     grid = make_grid((images.cpu() + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)
     array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".grid-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_with(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def main(argv=None) -> str:
@@ -78,11 +100,13 @@ def main(argv=None) -> str:
     parser.add_argument("--classes", required=True, help="comma-separated class ids, e.g. 0,1,2")
     parser.add_argument("--num", type=int, default=8, help="images per class")
     parser.add_argument("--out", required=True, help="PNG path")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="guidance g (SPEC A4: 6.75 for RAR-L)")
-    parser.add_argument("--cfg-power", type=float, default=1.0, help="schedule power p (SPEC A4: 1.01)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--cfg-scale", type=float, default=1.0,
+                        help="guidance g (SPEC A4: 6.75 for RAR-L; DiT: a constant scale on the velocity)")
+    parser.add_argument("--cfg-power", type=float, default=None, help="AR: schedule power p (SPEC A4: 1.01)")
+    parser.add_argument("--temperature", type=float, default=None, help="AR only (default 1.0)")
+    parser.add_argument("--top-k", type=int, default=None, help="AR only (default 0: off)")
+    parser.add_argument("--top-p", type=float, default=None, help="AR only (default 1.0: off)")
+    parser.add_argument("--steps", type=int, default=None, help="DiT only: Euler steps (default 50)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -99,12 +123,21 @@ def main(argv=None) -> str:
     bad = [c for c in classes if not 0 <= c < gpt.config.num_classes]
     if bad:
         parser.error(f"--classes {bad} outside [0, {gpt.config.num_classes})")
+    ar_flags = {name: getattr(args, name) for name in AR_ONLY}
+    if gpt.kind == "dit":
+        given = [f"--{name.replace('_', '-')}" for name, value in ar_flags.items() if value is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: AR sampling settings; this run's generator is a DiT")
+        settings = {"steps": 50 if args.steps is None else args.steps}
+    else:
+        if args.steps is not None:
+            parser.error("--steps: a DiT setting; this run's generator is autoregressive")
+        settings = {name: AR_ONLY[name] if value is None else value for name, value in ar_flags.items()}
     labels = torch.tensor(classes, device=device).repeat_interleave(args.num)
     generator = torch.Generator(device).manual_seed(args.seed)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        images = sample_images(gpt, tokenizer, labels, args.batch_size, cfg_scale=args.cfg_scale,
-                               cfg_power=args.cfg_power, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, generator=generator)
+        images = sample_images(gpt, tokenizer, labels, args.batch_size, cfg_scale=args.cfg_scale, **settings,
+                               generator=generator)
     save_image_grid(images, args.out, nrow=args.num)
     print(f"wrote {args.out} ({len(classes)} classes x {args.num})")
     return args.out

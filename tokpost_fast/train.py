@@ -45,8 +45,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="stop after this many optimizer steps in total (the LR schedule does not change)")
     parser.add_argument("--data-backend", choices=DATA_BACKENDS, default=None,
                         help="image pipeline: DALI needs a GPU and nvidia-dali; auto picks it when it can")
-    parser.add_argument("--tokenizer", default=None, metavar="llamagen:PATH|PATH",
-                        help="off-the-shelf tokenizer for gen/cache/post, imported once into RUN_DIR/tokenizer.pt "
+    parser.add_argument("--on-bad-image", choices=("skip", "error"), default=None,
+                        help="an unreadable image in the ImageFolder: skip it with a warning naming it and a count "
+                             "at the end (the default), or stop with an error")
+    parser.add_argument("--generator", choices=("ar", "dit"), default=None,
+                        help="gen: the AR transformer (VQ tokenizer) or the DiT rectified flow (continuous "
+                             "tokenizer); the same as --set gen.generator=...")
+    parser.add_argument("--post-strength", type=float, default=None, metavar="S",
+                        help="cache with a continuous tokenizer + DiT: the noise level in [0, 1] each real latent "
+                             "is denoised from (0: the real latent, 1: pure noise); --set cache.post_strength=S")
+    parser.add_argument("--tokenizer", default=None, metavar="llamagen:PATH|sdvae:PATH|PATH",
+                        help="off-the-shelf tokenizer for gen/cache/post (LlamaGen VQ, or a Stable-Diffusion VAE in "
+                             "the diffusers layout), imported once into RUN_DIR/tokenizer.pt "
                              "(stages/external_tokenizer.py)")
     # The DeepSpeed launcher appends --local_rank=N; the rank is read from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -60,6 +70,12 @@ def overrides(args: argparse.Namespace) -> list[str]:
         out.append(f"{SECTIONS[args.stage]}.max_steps={args.max_steps}")
     if args.data_backend is not None:
         out.append(f"data.backend={args.data_backend}")
+    if args.generator is not None:
+        out.append(f"gen.generator={args.generator}")
+    if args.post_strength is not None:
+        out.append(f"cache.post_strength={args.post_strength}")
+    if args.on_bad_image is not None:
+        out.append(f"data.on_bad_image={args.on_bad_image}")
     return out
 
 
@@ -70,12 +86,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     cfg = load_config(args.config, overrides(args), world_size=launcher_world_size(), stage=args.stage)
     run = get_stage(args.stage)
+    check_image_folder(cfg)
     init_distributed()
     if args.tokenizer is not None:
         from tokpost_fast.stages.external_tokenizer import install_tokenizer
 
         install_tokenizer(args.tokenizer, Path(args.run_dir), cfg, args.stage)
     return run(cfg, Path(args.run_dir), resume=args.resume)
+
+
+def check_image_folder(cfg) -> None:
+    """Every stage reads the ImageFolder: a missing or empty one is a one-line error before any work starts."""
+    from tokpost_fast.data.folder import scan_image_folder
+
+    try:
+        scan_image_folder(cfg.data.root)
+    except ValueError as e:
+        raise ConfigError(f"data.root: {e}") from None
 
 
 def _cli() -> int:

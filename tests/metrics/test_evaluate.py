@@ -118,3 +118,27 @@ def test_cli_on_an_image_folder(run_dir, photos, tmp_path, capsys):
     again = main(["--run-dir", str(run_dir), "--config", str(config), "--metrics", "rfid", "--num", "16",
                   "--out", str(out), "--no-progress", "--stats-dir", str(tmp_path / "st")])
     assert again["real_stats"]["cached"] and again["values"]["rfid_proxy"] == result["values"]["rfid_proxy"]
+
+
+def test_generator_of_another_tokenizer_is_refused(tmp_path, trained_tokenizer, photos):
+    """The gen stage records the tokenizer's sha256 in generator.pt: evaluate refuses another tokenizer, and
+    accepts a post-trained export of the right one (its file records the tokenizer it came from)."""
+    from tokpost_fast.models.generator import GeneratorConfig, build_generator, save_generator
+    from tokpost_fast.models.tokenizer import save_tokenizer
+    from tokpost_fast.sample import file_sha256
+
+    save_tokenizer(trained_tokenizer, str(tmp_path / "tokenizer.pt"))
+    gpt = build_generator(GeneratorConfig(vocab_size=64, seq_len=64, num_classes=3, width=32, depth=1, heads=2,
+                                          mlp_ratio=2.0, attn_backend="sdpa"))
+    save_generator(gpt, tmp_path / "generator.pt", extra={"tokenizer_hash": "0" * 64})
+    kwargs = dict(metrics="gfid", images=photos[:8], num_generated=4, batch_size=4, progress=False,
+                  print_table=False)
+    with pytest.raises(ValueError, match="is not the tokenizer this generator was trained on"):
+        evaluate_run(tmp_path, **kwargs)
+
+    original = file_sha256(tmp_path / "tokenizer.pt")
+    save_generator(gpt, tmp_path / "generator.pt", extra={"tokenizer_hash": original})
+    save_tokenizer(trained_tokenizer, str(tmp_path / "tokenizer_post.pt"),
+                   extra={"source_tokenizer": {"path": "tokenizer.pt", "sha256": original}})
+    result = evaluate_run(tmp_path, tokenizer=tmp_path / "tokenizer_post.pt", **kwargs)
+    assert result["values"]["gfid_proxy"] > 0

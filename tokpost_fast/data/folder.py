@@ -160,9 +160,15 @@ def first_readable(dataset: ImageFolderDataset, index: int) -> tuple[int, list[t
     raise ValueError(f"no readable image in {dataset.root}")
 
 
+# Every unreadable file this process met, across loaders and epochs (a stage builds a loader per epoch), so the
+# stage can report one count at the end.
+SKIPPED_IN_PROCESS: dict[str, str] = {}
+
+
 def warn_skipped(seen: dict[str, str], bad) -> None:
     """Record unreadable files in `seen` and warn once per file, naming it."""
     for path, reason in bad:
+        SKIPPED_IN_PROCESS.setdefault(path, reason)
         if path not in seen:
             seen[path] = reason
             warnings.warn(f"skipping unreadable image {path} ({reason}); {len(seen)} skipped so far", stacklevel=3)

@@ -34,6 +34,10 @@ class LossConfig:
     disc_layers: int = 3                # PatchGAN depth
     codebook: float = 1.0               # ||z_q - sg(z)||^2
     commit: float = 0.25                # ||sg(z_q) - z||^2 (the quantizer returns it unweighted)
+    # continuous (KL) tokenizers only, instead of codebook / commit: KL(q(z|x) || N(0, I)) as a mean per latent
+    # element. SD/LDM's 1e-6 multiplies a per-sample *sum* against a summed pixel loss; against our mean MSE the
+    # same number weighs the KL (3 H W) / (C h w) times more (48x at f8c4): a firmer pull towards N(0, I)
+    kl: float = 1e-6
     semantic: float = 0.1               # InfoNCE weight; 0 without dinov2_weights
     semantic_logit_scale: float = 1.0   # RobusTok's sem_loss_scale (unnormalised features, scale 1)
     semantic_patch_size: int = 16       # the teacher DINOv2 runs at patch 16 on our image size, as RobusTok
@@ -51,7 +55,7 @@ class LossConfig:
             if not ok:
                 raise ValueError(f"LossConfig.{name}={getattr(self, name)!r}: {why}")
 
-        for name in ("rec", "perceptual", "gan", "codebook", "commit", "semantic", "lecam"):
+        for name in ("rec", "perceptual", "gan", "codebook", "commit", "kl", "semantic", "lecam"):
             check(name, getattr(self, name) >= 0, "weights must be >= 0")
         check("rec_type", self.rec_type in ("mse", "l1"), "must be 'mse' or 'l1'")
         check("disc_start", self.disc_start >= 0, "must be >= 0")

@@ -90,4 +90,6 @@ def build_semantic(dinov2_weights: Optional[str], tokenizer: nn.Module, patch_si
     if own:
         log.info("semantic loss: teacher width %d != tokenizer width %s; using its own trainable projection",
                  teacher.width, tokenizer.semantic_width)
-    return SemanticLoss(teacher, tokenizer.codebook_dim, own_projection=own, logit_scale=logit_scale)
+    # the InfoNCE compares against the spatial mean of the latent: codebook vectors, or continuous latent channels
+    dim = tokenizer.latent_channels if getattr(tokenizer, "is_continuous", False) else tokenizer.codebook_dim
+    return SemanticLoss(teacher, dim, own_projection=own, logit_scale=logit_scale)

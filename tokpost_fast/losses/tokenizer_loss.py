@@ -3,6 +3,7 @@
 Generator side:
     L = rec * MSE + perceptual * LPIPS + w * gan * hinge_g(D(aug(x_rec))) + codebook * L_cb + commit * L_commit
         + semantic * InfoNCE,   w = adaptive_gan_weight (or 1), GAN term 0 before disc_start.
+    For a continuous (KL) tokenizer the codebook and commitment terms are replaced by kl * KL(q(z|x) || N(0, I)).
 Discriminator side (from disc_start on):
     L_D = gan * (hinge_d(D(aug(x)), D(aug(x_rec))) + lecam * LeCam)
 
@@ -15,7 +16,7 @@ Logged values are detached scalar tensors (no device sync until the trainer read
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -25,6 +26,7 @@ from tokpost_fast.losses.gan import DiffAugment, LeCamEMA, adaptive_gan_weight, 
 from tokpost_fast.losses.perceptual import PerceptualLoss, build_perceptual
 from tokpost_fast.losses.reconstruction import reconstruction_loss
 from tokpost_fast.losses.semantic import SemanticLoss, build_semantic
+from tokpost_fast.models.tokenizer.kl import KLOutput
 from tokpost_fast.ops import QuantizeOutput
 
 Discriminator = Callable[[torch.Tensor], torch.Tensor]
@@ -61,14 +63,14 @@ class TokenizerLoss(nn.Module):
         return self.diffaug(x) if self.diffaug is not None else x
 
     def generator_loss(self, images: torch.Tensor, recon: torch.Tensor, *, step: int,
-                       q: Optional[QuantizeOutput] = None, z_q: Optional[torch.Tensor] = None,
+                       q: Optional[Union[QuantizeOutput, KLOutput]] = None, z_q: Optional[torch.Tensor] = None,
                        discriminator: Optional[Discriminator] = None, last_layer: Optional[torch.Tensor] = None,
                        semantic_projection: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """images (the clean target) and recon [B, 3, H, W]; q: the tokenizer's QuantizeOutput (codebook/commit
-        terms; None in post-training, where tokens are given); z_q [B, C, h, w]: the latent the decoder saw, for
-        the semantic term (default q.z_q); discriminator and last_layer are needed once gan_active(step);
-        semantic_projection: tokenizer.semantic_projection."""
+        terms) or KLOutput (KL term), None in post-training, where tokens are given; z_q [B, C, h, w]: the latent
+        the decoder saw, for the semantic term (default q.z_q / q.z); discriminator and last_layer are needed once
+        gan_active(step); semantic_projection: tokenizer.semantic_projection."""
         cfg = self.cfg
         logs: dict[str, torch.Tensor] = {}
         rec = reconstruction_loss(images, recon, cfg.rec_type)
@@ -94,12 +96,18 @@ class TokenizerLoss(nn.Module):
             logs["gan_loss"] = g_loss.detach()
             logs["gan_adaptive_weight"] = weight
 
-        if q is not None:
+        if isinstance(q, KLOutput):
+            total = total + cfg.kl * q.kl_loss
+            logs["kl_loss"] = q.kl_loss.detach()
+        elif q is not None:
             total = total + cfg.codebook * q.codebook_loss + cfg.commit * q.commit_loss
             logs["codebook_loss"] = q.codebook_loss.detach()
             logs["commit_loss"] = q.commit_loss.detach()
 
-        latent = z_q if z_q is not None else (q.z_q if q is not None else None)
+        if z_q is not None or q is None:
+            latent = z_q
+        else:
+            latent = q.z if isinstance(q, KLOutput) else q.z_q
         if self.semantic is not None and self.semantic_weight > 0 and latent is not None:
             sem = self.semantic(images, latent, semantic_projection)
             total = total + self.semantic_weight * sem

@@ -2,7 +2,9 @@
 
 torch-fidelity does the feature extraction (its "inception-v3-compat" FID Inception, or our registered offline
 proxy "tokpost-proxy-v1") and the statistics; this package adds what it cannot do: decoding token batches (clean,
-perturbed, generated) into images, and caching real-image statistics per dataset and extractor.
+perturbed, generated) into images, and caching real-image statistics per dataset and extractor. A continuous (KL)
+tokenizer with a DiT generator is evaluated the same way: rFID, the perturbed-latent FID (our analogue of pFID,
+latent_noise.py), and gFID of DiT samples.
 CLI: `python -m tokpost_fast.evaluate`.
 
 Names are imported lazily, so `from tokpost_fast.metrics.config import EvalConfig` (the run config's `eval`
@@ -17,6 +19,8 @@ _EXPORTS = {
                   "check_inception_weights"),
     "features": ("FIDStats", "extract_features", "fid_between", "fid_statistics", "frechet_distance",
                  "images_to_uint8"),
+    "generation": ("DiTSampling", "SamplingSettings", "generated_features"),
+    "latent_noise": ("PFID_CURVE_NOISES", "LatentNoise", "check_noise"),
     "pfid": ("PFID_CURVE_ALPHAS", "Perturbation", "decode_features", "default_delta"),
     "run": ("evaluate_run", "pfid_curve"),
 }

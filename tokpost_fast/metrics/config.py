@@ -21,6 +21,10 @@ class EvalConfig:
     pfid_alpha: float = 1.0            # SPEC A7: the training values, reported next to every pFID
     pfid_delta: Optional[int] = None   # None: min(100, K)
     pfid_seed: int = 0
+    # continuous (KL) tokenizers: the perturbed-latent FID, our analogue of pFID (metrics/latent_noise.py); the
+    # sigma of the Gaussian added to every image's latent, relative to that latent's std (PerturbConfig.noise's
+    # default, the main stage's training value)
+    pfid_noise: float = 0.5
     # generator sampling (SPEC A4): guidance scale g, schedule power p, temperature T
     cfg_scale: float = 1.0
     cfg_power: float = 1.0
@@ -28,6 +32,9 @@ class EvalConfig:
     top_k: int = 0
     top_p: float = 1.0
     gen_seed: int = 0
+    # DiT generators: Euler steps of the rectified-flow sampler; None: the run config's gen.sample_steps (what the
+    # gen stage's sample grids use), else 50. Guidance is cfg_scale above (on the velocity).
+    sample_steps: Optional[int] = None
     inception_weights: Optional[str] = None  # the FID Inception weights; None: the offline proxy
     stats_dir: Optional[str] = None    # real-image statistics cache; None: RUN_DIR/fid_stats
 
@@ -46,6 +53,8 @@ class EvalConfig:
         check("pfid_alpha", 0.0 <= self.pfid_alpha <= 1.0, "must be in [0, 1]")
         check("pfid_delta", self.pfid_delta is None or self.pfid_delta >= 1, "must be None or >= 1")
         check("pfid_seed", 0 <= self.pfid_seed < 2**63, "must be in [0, 2**63)")
+        check("pfid_noise", self.pfid_noise >= 0, "must be >= 0")
+        check("sample_steps", self.sample_steps is None or self.sample_steps >= 1, "must be None or >= 1")
         check("temperature", self.temperature >= 0, "must be >= 0")
         check("top_k", self.top_k >= 0, "must be >= 0")
         check("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ import torch
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from tqdm.auto import tqdm
 
+from tokpost_fast.atomic import atomic_torch_save
 from tokpost_fast.metrics.extractor import ExtractorInfo
 
 STATS_FORMAT = 1
@@ -173,20 +173,6 @@ class RealStats:
     dataset_fingerprint: str
 
 
-def _atomic_torch_save(obj, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".stats-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def real_stats_path(cache_dir: str, info: ExtractorInfo, data_fingerprint: str) -> str:
     safe_id = info.extractor_id.replace(":", "-").replace(os.sep, "_")
     return os.path.join(cache_dir, f"real-{safe_id}-{data_fingerprint[:16]}.pt")
@@ -208,7 +194,7 @@ def load_real_stats(path: str, info: ExtractorInfo, data_fingerprint: str) -> Re
 
 
 def save_real_stats(path: str, real: RealStats) -> None:
-    _atomic_torch_save({"format": STATS_FORMAT, "mu": real.stats.mu, "sigma": real.stats.sigma,
+    atomic_torch_save({"format": STATS_FORMAT, "mu": real.stats.mu, "sigma": real.stats.sigma,
                         "count": real.stats.count, "features": real.features, "extractor_id": real.extractor_id,
                         "dataset_fingerprint": real.dataset_fingerprint}, path)
 

@@ -1,5 +1,9 @@
 """gFID / IS / precision-recall inputs: class-balanced generator samples, decoded by the tokenizer.
 
+AR generators (kind "ar") sample token grids (SPEC A4) that the VQ tokenizer decodes; a DiT (kind "dit") samples
+latents x0 = z * scaling_factor with the rectified-flow Euler sampler (models/generator/diffusion.py: sample_dit),
+which the continuous tokenizer decodes as decode(x0 / scaling_factor).
+
 Labels run 0, 1, ..., C-1, 0, 1, ... so every class gets floor(N/C) or ceil(N/C) samples (ImageNet's 50k
 evaluation is 50 per class). One torch.Generator seeded with `seed` drives all sampling, so a run is reproducible
 for a given seed and batch size.
@@ -12,8 +16,14 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
 from tokpost_fast.metrics.extractor import ExtractorInfo
-from tokpost_fast.metrics.features import FeatureCollector
+from tokpost_fast.metrics.features import FeatureCollector, RealStats, fid_between, fid_statistics
+
+PRC_NEIGHBORHOOD = 3  # torch-fidelity's default k for the k-NN manifolds (Kynkaanniemi et al. 2019)
 
 
 @dataclass
@@ -30,12 +40,52 @@ class SamplingSettings:
         return asdict(self)
 
 
+@dataclass
+class DiTSampling:
+    """The DiT's sampler: Euler steps of the rectified flow, guidance scale g on the velocity."""
+
+    cfg_scale: float = 1.0
+    steps: int = 50
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def generator_kind(generator) -> str:
+    return getattr(generator, "kind", "ar")
+
+
 def check_generator_matches(tokenizer, generator) -> None:
-    cfg = generator.config
-    grid = tokenizer.grid_size
-    if cfg.vocab_size != tokenizer.codebook_size or cfg.seq_len != grid * grid:
+    """The generator must model this tokenizer's output: a VQ tokenizer's codes (vocabulary, grid) for an AR
+    generator, a continuous tokenizer's latents (channels, grid) for a DiT."""
+    cfg, grid = generator.config, tokenizer.grid_size
+    continuous = bool(getattr(tokenizer, "is_continuous", False))
+    kind = generator_kind(generator)
+    if continuous != (kind == "dit"):
+        raise ValueError(f"a {kind!r} generator does not fit a {'continuous' if continuous else 'VQ'} tokenizer: "
+                         "AR generators model VQ token grids, a DiT models continuous latents")
+    if kind == "dit":
+        if cfg.latent_channels != tokenizer.latent_channels or cfg.grid_size != grid:
+            raise ValueError(f"DiT ({cfg.latent_channels}-channel {cfg.grid_size}x{cfg.grid_size} latents) does not "
+                             f"match the tokenizer ({tokenizer.latent_channels}-channel {grid}x{grid} latents)")
+    elif cfg.vocab_size != tokenizer.codebook_size or cfg.seq_len != grid * grid:
         raise ValueError(f"generator (vocab {cfg.vocab_size}, {cfg.seq_len} tokens) does not match the tokenizer "
                          f"(K={tokenizer.codebook_size}, {grid}x{grid} grid)")
+
+
+@torch.no_grad()
+def sample_decoded(tokenizer, generator, labels: torch.Tensor, sampling, rng: torch.Generator) -> torch.Tensor:
+    """labels [B] -> images [B, 3, H, W]: one sampling call of either generator kind, decoded by the tokenizer."""
+    if generator_kind(generator) == "dit":
+        from tokpost_fast.models.generator import sample_dit
+
+        x0 = sample_dit(generator, labels, steps=sampling.steps, cfg_scale=sampling.cfg_scale, generator=rng)
+        return tokenizer.decode(x0 / tokenizer.scaling_factor)          # x0 = z * scaling_factor
+    from tokpost_fast.models.generator import sample
+
+    tokens = sample(generator, labels, generator=rng, **sampling.as_dict())   # [B, L]
+    grid = tokenizer.grid_size
+    return tokenizer.decode_codes(tokens.reshape(-1, grid, grid))
 
 
 def balanced_labels(start: int, stop: int, num_classes: int) -> torch.Tensor:
@@ -44,13 +94,18 @@ def balanced_labels(start: int, stop: int, num_classes: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generated_features(tokenizer, generator, num: int, extractor, info: ExtractorInfo,
-                       sampling: SamplingSettings | None = None, batch_size: int = 32, seed: int = 0,
+                       sampling: SamplingSettings | DiTSampling | None = None, batch_size: int = 32, seed: int = 0,
                        device="cpu", progress: bool = False) -> dict[str, torch.Tensor]:
-    """Features {layer: [num, d]} of `num` class-balanced samples decoded by `tokenizer`."""
+    """Features {layer: [num, d]} of `num` class-balanced samples decoded by `tokenizer`. sampling:
+    SamplingSettings for an AR generator, DiTSampling for a DiT (None: the kind's defaults)."""
     if num < 1:
         raise ValueError(f"number of generated images must be >= 1, got {num}")
     check_generator_matches(tokenizer, generator)
-    sampling = sampling or SamplingSettings()
+    wanted = DiTSampling if generator_kind(generator) == "dit" else SamplingSettings
+    sampling = sampling or wanted()
+    if not isinstance(sampling, wanted):
+        raise ValueError(f"a {generator_kind(generator)!r} generator samples with {wanted.__name__}, got "
+                         f"{type(sampling).__name__}")
     device = torch.device(device)
     modes = (tokenizer.training, generator.training)
     tokenizer.eval()
@@ -64,16 +119,44 @@ def generated_features(tokenizer, generator, num: int, extractor, info: Extracto
 
 
 def _sample_features(tokenizer, generator, num, extractor, info, sampling, batch_size, seed, device, progress):
-    from tokpost_fast.models.generator import sample
-
-    grid = tokenizer.grid_size
     rng = torch.Generator(device=device).manual_seed(seed)
     collector = FeatureCollector(extractor, info, device, "generated images")
     with tqdm(total=num, unit="img", desc="sample + features", disable=not progress) as bar:
         for start in range(0, num, batch_size):
             stop = min(num, start + batch_size)
             labels = balanced_labels(start, stop, generator.config.num_classes).to(device)
-            tokens = sample(generator, labels, generator=rng, **sampling.as_dict())   # [B, L]
-            collector.add(tokenizer.decode_codes(tokens.reshape(-1, grid, grid)))
+            collector.add(sample_decoded(tokenizer, generator, labels, sampling, rng))
             bar.update(stop - start)
     return collector.result()
+
+
+def generative_values(gen: dict, real: RealStats, info: ExtractorInfo, wanted: list[str], seed: int,
+                       skipped: dict) -> dict:
+    """gFID, IS, precision / recall, KID of generated features against the real ones (torch-fidelity's code)."""
+    label, values = info.label, {}
+    gen_pool, count = gen[info.fid_layer], gen[info.fid_layer].shape[0]
+    if "gfid" in wanted:
+        values[f"gfid{label}"] = fid_between(fid_statistics(gen_pool, "generated images"), real.stats)
+    if "is" in wanted:
+        splits = max(1, min(10, count // 2))  # torch-fidelity's 10 splits, fewer for tiny sample counts
+        isc = isc_features_to_metric(gen[info.isc_layer], splits=splits, shuffle=True, rng_seed=seed)
+        values[f"is{label}"], values[f"is_std{label}"] = isc[KEY_METRIC_ISC_MEAN], isc[KEY_METRIC_ISC_STD]
+    if "prec" in wanted or "rec" in wanted:
+        if min(count, real.features.shape[0]) <= PRC_NEIGHBORHOOD:
+            for m in ("prec", "rec"):
+                if m in wanted:
+                    skipped[m] = f"needs more than {PRC_NEIGHBORHOOD} images in each set"
+        else:
+            prc = prc_features_to_metric(gen_pool, real.features, prc_neighborhood=PRC_NEIGHBORHOOD,
+                                         prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+            if "prec" in wanted:
+                values[f"prec{label}"] = prc[KEY_METRIC_PRECISION]
+            if "rec" in wanted:
+                values[f"rec{label}"] = prc[KEY_METRIC_RECALL]
+    if "kid" in wanted:
+        subset = min(1000, count, real.features.shape[0])
+        kid = kid_features_to_metric(gen_pool, real.features, kid_subsets=100, kid_subset_size=subset,
+                                     kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
+                                     kid_kernel_poly_coef0=1, rng_seed=seed, verbose=False)
+        values[f"kid{label}"] = kid[KEY_METRIC_KID_MEAN]
+    return values

@@ -1,4 +1,5 @@
-"""rFID and pFID (SPEC A3): features of decoded clean / perturbed token grids, one encode per image.
+"""rFID and pFID (SPEC A3): features of decoded clean / perturbed token grids, one encode per image. For a
+continuous tokenizer the same loop decodes clean / noised latents (metrics/latent_noise.py: our analogue).
 
 pFID is the FID between real images and the decodes of their *perturbed* tokens: the A2 operator
 (tokpost_fast.ops.perturb_codes) applied to every image (beta = 1) with a fixed rate alpha, neighbourhood delta
@@ -11,13 +12,13 @@ perturbation does not depend on the batch size or the device, only on the image 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from tokpost_fast.atomic import atomic_write_json
 from tokpost_fast import ops
 from tokpost_fast.metrics.extractor import ExtractorInfo
 from tokpost_fast.metrics.features import FeatureCollector, count_images, iter_image_batches
@@ -45,6 +46,9 @@ class Perturbation:
 
 
 CLEAN = Perturbation(0.0, 1)
+# pFID curve x axes: (x label, y label) for the VQ pFID and the continuous analogue
+CURVE_AXES = {"alpha": ("perturbation rate alpha", "pFID"),
+              "noise": ("latent noise (x each image's latent std)", "perturbed-latent FID")}
 
 
 def default_delta(codebook_size: int) -> int:
@@ -96,26 +100,66 @@ def tokenizer_backend(model) -> str:
     return quantizer.backend if quantizer is not None else getattr(model.config, "quantizer_backend", "auto")
 
 
+def is_continuous(model) -> bool:
+    """A continuous (KL) tokenizer: no codebook; its pFID is the latent-noise analogue (metrics/latent_noise.py)."""
+    return bool(getattr(model, "is_continuous", False))
+
+
 @torch.no_grad()
-def decode_features(model, images, extractor, info: ExtractorInfo, settings: list[Perturbation], seed: int = 0,
+def decode_features(model, images, extractor, info: ExtractorInfo, settings: list, seed: int = 0,
                     num: int | None = None, device="cpu", collect_real: bool = False, progress: bool = False):
-    """Encode each real image once; decode its token grid under every setting; extract features.
+    """Encode each real image once; decode it under every setting; extract features.
 
     images: tensor [N, 3, H, W] in [-1, 1] or an iterable of batches (build_loader's (images, labels, indices)).
+    settings: Perturbation (VQ tokenizers) or latent_noise.LatentNoise (continuous ones); CLEAN fits both.
     Returns ({setting: {layer: [N, d]}}, real features {layer: [N, d]} or None)."""
     was_training = model.training
     model.eval()
     try:
-        return _decode_features(model, images, extractor, info, settings, seed, num, torch.device(device),
+        if is_continuous(model):
+            from tokpost_fast.metrics.latent_noise import continuous_decoder
+
+            decode_batch = continuous_decoder(model, settings, seed)
+        else:
+            decode_batch = _vq_decoder(model, settings, seed, torch.device(device))
+        return _decode_features(decode_batch, images, extractor, info, settings, num, torch.device(device),
                                 collect_real, progress)
     finally:
         model.train(was_training)
 
 
-def _decode_features(model, images, extractor, info, settings, seed, num, device, collect_real, progress):
+def _vq_decoder(model, settings, seed, device):
+    """decode_batch(x, first_image) -> {setting key: decodes of the clean / perturbed token grids}."""
+    wrong = [s for s in settings if not isinstance(s, Perturbation)]
+    if wrong:
+        raise ValueError(f"{type(model).__name__} is a VQ tokenizer: pFID settings {wrong} are for continuous "
+                         "latents; its pFID takes alpha and delta")
     codebook = tokenizer_codebook(model).to(device)
     metric = tokenizer_metric(model)
     backend = tokenizer_backend(model)
+
+    def decode_batch(x: torch.Tensor, first_image: int) -> dict:
+        z = model.encode_latent(x)                    # [B, C, h, w]
+        tokens = z.permute(0, 2, 3, 1)                # [B, h, w, C]
+        offset = first_image * tokens.shape[1] * tokens.shape[2]
+        out = {}
+        for setting in settings:
+            key = setting.key()
+            if key in out:
+                continue
+            if setting.clean:
+                idx, _ = ops.perturb_codes(tokens, codebook, 0.0, 1, seed, metric=metric, backend=backend,
+                                           position_offset=offset)
+            else:
+                _, idx = ops.perturb_codes(tokens, codebook, setting.alpha, setting.delta, seed, metric=metric,
+                                           backend=backend, position_offset=offset)
+            out[key] = model.decode_codes(idx)        # idx [B, h, w] -> [B, 3, H, W]
+        return out
+
+    return decode_batch
+
+
+def _decode_features(decode_batch, images, extractor, info, settings, num, device, collect_real, progress):
     keys = {s: s.key() for s in settings}
     collectors = {key: FeatureCollector(extractor, info, device, "decoded images") for key in set(keys.values())}
     real = FeatureCollector(extractor, info, device, "real images") if collect_real else None
@@ -130,22 +174,8 @@ def _decode_features(model, images, extractor, info, settings, seed, num, device
                 real.add(batch)
             elif not (batch.dim() == 4 and batch.shape[1] == 3):
                 raise ValueError(f"real images: expected [B, 3, H, W], got {tuple(batch.shape)}")
-            x = batch.to(device, torch.float32)
-            z = model.encode_latent(x)                    # [B, C, h, w]
-            tokens = z.permute(0, 2, 3, 1)                # [B, h, w, C]
-            offset = seen * tokens.shape[1] * tokens.shape[2]
-            done = set()
-            for setting, key in keys.items():
-                if key in done:
-                    continue
-                done.add(key)
-                if setting.clean:
-                    idx, _ = ops.perturb_codes(tokens, codebook, 0.0, 1, seed, metric=metric, backend=backend,
-                                               position_offset=offset)
-                else:
-                    _, idx = ops.perturb_codes(tokens, codebook, setting.alpha, setting.delta, seed, metric=metric,
-                                               backend=backend, position_offset=offset)
-                collectors[key].add(model.decode_codes(idx))   # idx [B, h, w] -> [B, 3, H, W]
+            for key, decoded in decode_batch(batch.to(device, torch.float32), seen).items():
+                collectors[key].add(decoded)
             seen += batch.shape[0]
             bar.update(batch.shape[0])
             if num is not None and seen >= num:
@@ -155,18 +185,19 @@ def _decode_features(model, images, extractor, info, settings, seed, num, device
 
 
 def save_pfid_curve(points: list[dict], run_dir: str, payload: dict, proxy: bool, title: str,
-                    stem: str = "pfid_curve") -> dict:
-    """points: [{"alpha": a, "pfid": v, ...}, ...] -> RUN_DIR/<stem>.png (the plot) and RUN_DIR/<stem>.json
-    ({**payload, "points": points}). Returns both paths."""
+                    stem: str = "pfid_curve", x: str = "alpha") -> dict:
+    """points: [{x: value, "pfid": v, ...}, ...] -> RUN_DIR/<stem>.png (the plot) and RUN_DIR/<stem>.json
+    ({**payload, "points": points}). x: "alpha" (VQ pFID) or "noise" (the continuous analogue). Returns both
+    paths."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, no display needed
 
     os.makedirs(run_dir, exist_ok=True)
     json_path, png_path = os.path.join(run_dir, f"{stem}.json"), os.path.join(run_dir, f"{stem}.png")
     fig = Figure(figsize=(4.5, 3.2), dpi=120)
     ax = fig.subplots()
-    ax.plot([p["alpha"] for p in points], [p["pfid"] for p in points], marker="o")
-    ax.set_xlabel("perturbation rate alpha")
-    ax.set_ylabel("pFID (proxy)" if proxy else "pFID")
+    ax.plot([p[x] for p in points], [p["pfid"] for p in points], marker="o")
+    ax.set_xlabel(CURVE_AXES[x][0])
+    ax.set_ylabel(CURVE_AXES[x][1] + (" (proxy)" if proxy else ""))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -176,10 +207,4 @@ def save_pfid_curve(points: list[dict], run_dir: str, payload: dict, proxy: bool
 
 
 def write_json(path: str, payload: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, payload, indent=2)

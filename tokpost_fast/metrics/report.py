@@ -13,8 +13,18 @@ def _row_name(key: str, proxy: bool) -> str:
     return ROW_NAMES.get(base, base) + (" (proxy)" if proxy else "")
 
 
+def pfid_label(settings: dict, proxy: bool = False) -> str:
+    """The pFID row name with its settings: alpha / delta (VQ), or for a continuous tokenizer the latent noise of
+    our analogue, named as such (metrics/latent_noise.py)."""
+    if settings.get("kind") == "gaussian":
+        return (f"perturbed-latent FID{' (proxy)' if proxy else ''} [noise={settings['noise']:g}; our analogue, "
+                "not the paper's pFID]")
+    return f"pFID{' (proxy)' if proxy else ''} [alpha={settings['alpha']:g}, delta={settings['delta']}]"
+
+
 def format_table(result: dict) -> str:
-    """metrics.json's dict -> a plain-text table (one metric per row; pFID rows carry alpha and delta)."""
+    """metrics.json's dict -> a plain-text table (one metric per row; pFID rows carry alpha and delta, or the
+    latent noise of a continuous tokenizer's analogue)."""
     proxy = result["proxy"]
     pfid = result["settings"]["pfid"]
     tok = result["checkpoints"]["tokenizer"]
@@ -26,9 +36,7 @@ def format_table(result: dict) -> str:
     ]
     rows = []
     for key, value in result["values"].items():
-        name = _row_name(key, proxy)
-        if key.startswith("pfid"):
-            name += f" [alpha={pfid['alpha']:g}, delta={pfid['delta']}]"
+        name = pfid_label(pfid, proxy) if key.startswith("pfid") else _row_name(key, proxy)
         rows.append((name, f"{value:.4f}"))
     reasons: dict[str, list[str]] = {}
     for key, why in result.get("skipped", {}).items():
@@ -36,8 +44,10 @@ def format_table(result: dict) -> str:
     for why, names in reasons.items():  # one row per reason: "gFID, IS, precision, recall (proxy)  skipped: ..."
         rows.append((", ".join(names) + (" (proxy)" if proxy else ""), f"skipped: {why}"))
     for point in result.get("pfid_curve", {}).get("points", []):
-        rows.append((f"pFID curve{' (proxy)' if proxy else ''} [alpha={point['alpha']:g}, delta={point['delta']}]",
-                     f"{point['pfid']:.4f}"))
+        where = (f"noise={point['noise']:g}" if "noise" in point else
+                 f"alpha={point['alpha']:g}, delta={point['delta']}")
+        rows.append((f"{'perturbed-latent FID' if 'noise' in point else 'pFID'} curve{' (proxy)' if proxy else ''} "
+                     f"[{where}]", f"{point['pfid']:.4f}"))
     width = max([len(name) for name, _ in rows] + [len("metric" + (" (proxy)" if proxy else ""))])
     lines.append(f"{'metric' + (' (proxy)' if proxy else ''):<{width}}  value")
     lines += [f"{name:<{width}}  {text}" for name, text in rows]

@@ -2,6 +2,8 @@
 
     result = evaluate_run("runs/demo", metrics=["rfid", "pfid", "gfid"], num=512)
     result["values"]["pfid_proxy"], result["settings"]["pfid"]      # {"alpha": 1.0, "delta": 100, ...}
+    # a continuous (KL) tokenizer + DiT run: the same keys; "pfid" is then the perturbed-latent FID, our analogue
+    # of pFID (metrics/latent_noise.py), with settings {"kind": "gaussian", "noise": 0.5, ...}
     curve = pfid_curve("runs/demo", num=512)                          # also writes pfid_curve.png / .json
 
 Inputs, in order of precedence: the arguments, the run config's `eval` section, EvalConfig's defaults.
@@ -18,25 +20,23 @@ from typing import Iterable, Optional
 
 import torch
 import torch_fidelity
-from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
-from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
-from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
 from tokpost_fast.metrics.config import DEFAULT_METRICS, METRICS, EvalConfig
-from tokpost_fast.metrics.extractor import ExtractorInfo, build_extractor, file_sha256
+from tokpost_fast.metrics.extractor import build_extractor, file_sha256
 from tokpost_fast.metrics.features import (
     RealStats, cached_real_stats, dataset_fingerprint, extract_features, fid_between, fid_statistics, fingerprint,
     images_to_uint8, load_real_stats, real_stats_path, save_real_stats,
 )
-from tokpost_fast.metrics.generation import SamplingSettings, generated_features
+from tokpost_fast.metrics.generation import DiTSampling, SamplingSettings, generated_features, generative_values
+from tokpost_fast.metrics.latent_noise import PFID_CURVE_NOISES, check_noise, noise_settings
 from tokpost_fast.metrics.pfid import (
-    CLEAN, PFID_CURVE_ALPHAS, Perturbation, check_perturbation, decode_features, default_delta, save_pfid_curve,
+    CLEAN, PFID_CURVE_ALPHAS, check_perturbation, decode_features, default_delta, is_continuous, save_pfid_curve,
     tokenizer_metric, write_json,
 )
 from tokpost_fast.metrics.report import format_table
 
-PRC_NEIGHBORHOOD = 3  # torch-fidelity's default k for the k-NN manifolds (Kynkaanniemi et al. 2019)
 GENERATIVE = ("gfid", "is", "prec", "rec", "kid")
+DEFAULT_SAMPLE_STEPS = 50
 
 
 def _options(config, overrides: dict) -> EvalConfig:
@@ -127,8 +127,12 @@ class _Evaluation:
         self.progress = progress
         self.extractor, self.info = build_extractor(self.opts.inception_weights, self.device)
         self.tokenizer, self.tokenizer_ckpt = _load_tokenizer(self.run_dir, tokenizer, self.device)
-        self.delta = self.opts.pfid_delta if self.opts.pfid_delta is not None else \
-            default_delta(self.tokenizer.codebook_size)
+        self.continuous = is_continuous(self.tokenizer)
+        _check_pfid_flags(self.continuous, overrides)
+        self.delta = None if self.continuous else (
+            self.opts.pfid_delta if self.opts.pfid_delta is not None else default_delta(self.tokenizer.codebook_size))
+        gen_section = getattr(self.config, "gen", None)
+        self.sample_steps = self.opts.sample_steps or getattr(gen_section, "sample_steps", DEFAULT_SAMPLE_STEPS)
         self.images, self.data_fingerprint = _real_source(images, self.config, self.opts)
         self.stats_dir = self.opts.stats_dir or os.path.join(self.run_dir, "fid_stats")
         self.real: Optional[RealStats] = None
@@ -137,7 +141,7 @@ class _Evaluation:
     def _cache_path(self):
         return real_stats_path(self.stats_dir, self.info, self.data_fingerprint) if self.data_fingerprint else None
 
-    def decode(self, settings: list[Perturbation]) -> dict[Perturbation, torch.Tensor]:
+    def decode(self, settings: list) -> dict:
         """FID-layer features of the decodes under each setting; fills self.real in the same pass if needed."""
         if self.real is None and self.data_fingerprint:
             self.real = load_real_stats(self._cache_path(), self.info, self.data_fingerprint)
@@ -165,20 +169,61 @@ class _Evaluation:
     def fid(self, features: torch.Tensor, what: str) -> float:
         return fid_between(fid_statistics(features, what), self.real_stats().stats)
 
-    def curve(self, features: dict[Perturbation, torch.Tensor], alphas) -> list[dict]:
+    # pFID settings: alpha / delta for a VQ tokenizer, the latent noise for a continuous one ----------------------
+    @property
+    def curve_axis(self) -> str:
+        return "noise" if self.continuous else "alpha"
+
+    def pfid_setting(self, x: Optional[float] = None):
+        """The pFID setting at curve point x (alpha, or noise when continuous); None: the configured one."""
+        if self.continuous:
+            return check_noise(self.opts.pfid_noise if x is None else x)
+        return check_perturbation(self.opts.pfid_alpha if x is None else x, self.delta, self.tokenizer.codebook_size)
+
+    def pfid_record(self, setting) -> dict:
+        """metrics.json's settings.pfid."""
+        if self.continuous:
+            return noise_settings(setting, self.opts.pfid_seed)
+        return {"alpha": setting.alpha, "delta": setting.delta, "seed": self.opts.pfid_seed, "beta": 1.0,
+                "metric": tokenizer_metric(self.tokenizer)}
+
+    def curve(self, features: dict, xs) -> list[dict]:
         points = []
-        for alpha in alphas:
-            value = self.fid(features[Perturbation(float(alpha), self.delta)], f"pFID decodes (alpha={alpha})")
-            points.append({"alpha": float(alpha), "delta": self.delta, f"pfid{self.info.label}": value,
-                           "pfid": value})
+        for x in xs:
+            setting = self.pfid_setting(x)
+            value = self.fid(features[setting], f"pFID decodes ({self.curve_axis}={x})")
+            where = ({"noise": setting.noise, "kind": "gaussian"} if self.continuous else
+                     {"alpha": setting.alpha, "delta": self.delta})
+            points.append({**where, f"pfid{self.info.label}": value, "pfid": value})
         return points
 
     def save_curve(self, points: list[dict]) -> dict:
-        title = (f"pFID{' (proxy)' if self.info.proxy else ''} vs alpha (delta = {self.delta}, "
-                 f"N = {self.real.stats.count})")
-        payload = {"proxy": self.info.proxy, "extractor": self.info.extractor_id, "delta": self.delta,
-                   "seed": self.opts.pfid_seed, "num": self.real.stats.count, "tokenizer": self.tokenizer_ckpt}
-        return save_pfid_curve(points, self.run_dir, payload, self.info.proxy, title)
+        proxy = " (proxy)" if self.info.proxy else ""
+        title = (f"perturbed-latent FID{proxy} vs noise (N = {self.real.stats.count})" if self.continuous else
+                 f"pFID{proxy} vs alpha (delta = {self.delta}, N = {self.real.stats.count})")
+        payload = {"proxy": self.info.proxy, "extractor": self.info.extractor_id, "seed": self.opts.pfid_seed,
+                   "num": self.real.stats.count, "tokenizer": self.tokenizer_ckpt}
+        payload.update(noise_settings(self.pfid_setting(), self.opts.pfid_seed) if self.continuous else
+                       {"delta": self.delta})
+        return save_pfid_curve(points, self.run_dir, payload, self.info.proxy, title, x=self.curve_axis)
+
+    def sampling(self):
+        """The generator's sampling settings: AR (SPEC A4) for a VQ tokenizer, the DiT's for a continuous one."""
+        opts = self.opts
+        if self.continuous:
+            return DiTSampling(opts.cfg_scale, self.sample_steps)
+        return SamplingSettings(opts.cfg_scale, opts.cfg_power, opts.temperature, opts.top_k, opts.top_p)
+
+
+def _check_pfid_flags(continuous: bool, overrides: dict) -> None:
+    """alpha / delta resample VQ codes, noise perturbs continuous latents: an explicit flag of the other kind is an
+    error, not silently ignored."""
+    given = [k for k in (("pfid_alpha", "pfid_delta") if continuous else ("pfid_noise",))
+             if overrides.get(k) is not None]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(f"{flags}: the tokenizer is {'continuous' if continuous else 'VQ'}; its pFID takes "
+                         f"{'--pfid-noise (our latent-noise analogue)' if continuous else '--pfid-alpha / --pfid-delta'}")
 
 
 def _parse_metrics(metrics) -> list[str]:
@@ -200,27 +245,36 @@ def evaluate_run(run_dir, metrics: Optional[Iterable[str] | str] = None, num: Op
                  num_generated: Optional[int] = None, batch_size: Optional[int] = None, device=None,
                  stats_dir=None, cfg_scale: Optional[float] = None, cfg_power: Optional[float] = None,
                  temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                 gen_seed: Optional[int] = None, out=None, progress: bool = True, print_table: bool = True) -> dict:
+                 gen_seed: Optional[int] = None, out=None, progress: bool = True, print_table: bool = True,
+                 pfid_noise: Optional[float] = None, curve_noises=PFID_CURVE_NOISES,
+                 sample_steps: Optional[int] = None) -> dict:
     """Compute the requested metrics for a run directory and write them to `out` (default RUN_DIR/metrics.json).
 
     tokenizer / generator: a checkpoint path or a module (default RUN_DIR/tokenizer.pt, RUN_DIR/generator.pt;
     generator=False skips the generative metrics). images: real images as a tensor [N, 3, H, W] in [-1, 1] or an
     iterable of batches, instead of the run config's data. cfg_scale ... top_p: generator sampling (SPEC A4).
+    A continuous tokenizer (with a DiT generator): pfid is the perturbed-latent FID at pfid_noise (our analogue,
+    metrics/latent_noise.py; the curve runs over curve_noises), the DiT samples with cfg_scale and sample_steps.
     Returns the dict written to metrics.json."""
     started = time.time()
     ev = _Evaluation(run_dir, config=config, tokenizer=tokenizer, images=images, device=device, progress=progress,
                      metrics=_parse_metrics(metrics), num=num, num_generated=num_generated, batch_size=batch_size,
                      pfid_alpha=pfid_alpha, pfid_delta=pfid_delta, pfid_seed=pfid_seed, gen_seed=gen_seed,
                      inception_weights=inception_weights, stats_dir=stats_dir, cfg_scale=cfg_scale,
-                     cfg_power=cfg_power, temperature=temperature, top_k=top_k, top_p=top_p)
+                     cfg_power=cfg_power, temperature=temperature, top_k=top_k, top_p=top_p,
+                     pfid_noise=pfid_noise, sample_steps=sample_steps)
     opts, label = ev.opts, ev.info.label
     wanted = list(opts.metrics or DEFAULT_METRICS)
-    pfid_setting = check_perturbation(opts.pfid_alpha, ev.delta, ev.tokenizer.codebook_size)
+    pfid_setting = ev.pfid_setting()
+    curve_xs = curve_noises if ev.continuous else curve_alphas
     values, skipped, extra = {}, {}, {}
+    gen_wanted = [m for m in wanted if m in GENERATIVE]
+    # the generator first: a generator of another tokenizer is refused before any image is decoded
+    gpt, generator_ckpt = _generator(ev, generator, gen_wanted, skipped) if gen_wanted else (None, None)
 
     settings = ([CLEAN] if "rfid" in wanted else []) + ([pfid_setting] if "pfid" in wanted else [])
     if pfid_curve:
-        settings += [check_perturbation(a, ev.delta, ev.tokenizer.codebook_size) for a in curve_alphas]
+        settings += [ev.pfid_setting(x) for x in curve_xs]
     if settings:
         features = ev.decode(list(dict.fromkeys(settings)))
         if "rfid" in wanted:
@@ -228,33 +282,17 @@ def evaluate_run(run_dir, metrics: Optional[Iterable[str] | str] = None, num: Op
         if "pfid" in wanted:
             values[f"pfid{label}"] = ev.fid(features[pfid_setting], "perturbed reconstructions")
         if pfid_curve:
-            points = ev.curve(features, curve_alphas)
+            points = ev.curve(features, curve_xs)
             extra["pfid_curve"] = {"points": points, "files": ev.save_curve(points)}
 
-    generator_ckpt = None
-    gen_wanted = [m for m in wanted if m in GENERATIVE]
     num_gen = 0
-    sampling_used = SamplingSettings(opts.cfg_scale, opts.cfg_power, opts.temperature, opts.top_k, opts.top_p)
-    if gen_wanted:
-        source, why = _find_generator(ev.run_dir, generator)
-        if source is None:
-            for m in gen_wanted:
-                skipped[m] = why
-        else:
-            from tokpost_fast.models.generator import load_generator
-
-            real = ev.real_stats()
-            num_gen = opts.num_generated or real.stats.count
-            if isinstance(source, torch.nn.Module):
-                gpt, generator_ckpt = source.to(ev.device), {"path": None, "sha256": _module_sha256(source)}
-            else:
-                gpt = load_generator(source, map_location=ev.device)
-                generator_ckpt = {"path": os.path.abspath(source), "sha256": file_sha256(source),
-                                  # the tokenizer the generator was trained on (a post-trained decoder differs)
-                                  "tokenizer_hash": getattr(gpt, "checkpoint_extra", {}).get("tokenizer_hash")}
-            gen = generated_features(ev.tokenizer, gpt, num_gen, ev.extractor, ev.info, sampling_used,
-                                     opts.batch_size, opts.gen_seed, ev.device, ev.progress)
-            values.update(_generative_values(gen, real, ev.info, gen_wanted, opts.gen_seed, skipped))
+    sampling_used = ev.sampling()
+    if gpt is not None:
+        real = ev.real_stats()
+        num_gen = opts.num_generated or real.stats.count
+        gen = generated_features(ev.tokenizer, gpt, num_gen, ev.extractor, ev.info, sampling_used,
+                                 opts.batch_size, opts.gen_seed, ev.device, ev.progress)
+        values.update(generative_values(gen, real, ev.info, gen_wanted, opts.gen_seed, skipped))
 
     result = {
         "values": values,
@@ -265,13 +303,14 @@ def evaluate_run(run_dir, metrics: Optional[Iterable[str] | str] = None, num: Op
         "num": {"real": ev.real.stats.count if ev.real is not None else 0, "generated": num_gen},
         "settings": {
             "metrics": wanted,
-            "pfid": {"alpha": pfid_setting.alpha, "delta": pfid_setting.delta, "seed": opts.pfid_seed,
-                     "beta": 1.0, "metric": tokenizer_metric(ev.tokenizer)},
+            "pfid": ev.pfid_record(pfid_setting),
             "generation": {**sampling_used.as_dict(), "seed": opts.gen_seed, "batch_size": opts.batch_size,
-                           "class_balanced": True},
+                           "class_balanced": True,
+                           **({"sampler": "sample_dit (rectified-flow Euler)"} if ev.continuous else {})},
             "batch_size": opts.batch_size,
             "device": str(ev.device),
         },
+        "tokenizer_kind": "continuous" if ev.continuous else "vq",
         "checkpoints": {"tokenizer": ev.tokenizer_ckpt, "generator": generator_ckpt},
         "skipped": skipped,
         "real_stats": {"path": ev._cache_path(), "cached": ev.real_cached,
@@ -286,49 +325,47 @@ def evaluate_run(run_dir, metrics: Optional[Iterable[str] | str] = None, num: Op
     return result
 
 
-def _generative_values(gen: dict, real: RealStats, info: ExtractorInfo, wanted: list[str], seed: int,
-                       skipped: dict) -> dict:
-    """gFID, IS, precision / recall, KID of generated features against the real ones (torch-fidelity's code)."""
-    label, values = info.label, {}
-    gen_pool, count = gen[info.fid_layer], gen[info.fid_layer].shape[0]
-    if "gfid" in wanted:
-        values[f"gfid{label}"] = fid_between(fid_statistics(gen_pool, "generated images"), real.stats)
-    if "is" in wanted:
-        splits = max(1, min(10, count // 2))  # torch-fidelity's 10 splits, fewer for tiny sample counts
-        isc = isc_features_to_metric(gen[info.isc_layer], splits=splits, shuffle=True, rng_seed=seed)
-        values[f"is{label}"], values[f"is_std{label}"] = isc[KEY_METRIC_ISC_MEAN], isc[KEY_METRIC_ISC_STD]
-    if "prec" in wanted or "rec" in wanted:
-        if min(count, real.features.shape[0]) <= PRC_NEIGHBORHOOD:
-            for m in ("prec", "rec"):
-                if m in wanted:
-                    skipped[m] = f"needs more than {PRC_NEIGHBORHOOD} images in each set"
-        else:
-            prc = prc_features_to_metric(gen_pool, real.features, prc_neighborhood=PRC_NEIGHBORHOOD,
-                                         prc_batch_size=10000, save_cpu_ram=False, verbose=False)
-            if "prec" in wanted:
-                values[f"prec{label}"] = prc[KEY_METRIC_PRECISION]
-            if "rec" in wanted:
-                values[f"rec{label}"] = prc[KEY_METRIC_RECALL]
-    if "kid" in wanted:
-        subset = min(1000, count, real.features.shape[0])
-        kid = kid_features_to_metric(gen_pool, real.features, kid_subsets=100, kid_subset_size=subset,
-                                     kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
-                                     kid_kernel_poly_coef0=1, rng_seed=seed, verbose=False)
-        values[f"kid{label}"] = kid[KEY_METRIC_KID_MEAN]
-    return values
+def _generator(ev: _Evaluation, generator, gen_wanted: list[str], skipped: dict):
+    """(the generator module or None, its checkpoint record). Refuses a generator that does not model this
+    tokenizer: another kind or size (AR: vocabulary and grid; DiT: latent channels and grid), or, for a file, one
+    trained on another tokenizer (its recorded tokenizer_hash, written by the gen stage, is neither this tokenizer
+    nor the one it was post-trained from). A missing generator skips the generative metrics with the reason."""
+    from tokpost_fast.metrics.generation import check_generator_matches
+
+    source, why = _find_generator(ev.run_dir, generator)
+    if source is None:
+        for m in gen_wanted:
+            skipped[m] = why
+        return None, None
+    if isinstance(source, torch.nn.Module):
+        gpt, record = source.to(ev.device), {"path": None, "sha256": _module_sha256(source),
+                                             "kind": getattr(source, "kind", "ar")}
+    else:
+        from tokpost_fast.models.generator import load_generator
+        from tokpost_fast.sample import check_tokenizer_lineage
+
+        gpt = load_generator(source, map_location=ev.device)
+        check_tokenizer_lineage(gpt, ev.tokenizer_ckpt["path"])
+        record = {"path": os.path.abspath(source), "sha256": file_sha256(source), "kind": getattr(gpt, "kind", "ar"),
+                  # the tokenizer the generator was trained on (a post-trained decoder differs)
+                  "tokenizer_hash": getattr(gpt, "checkpoint_extra", {}).get("tokenizer_hash")}
+    check_generator_matches(ev.tokenizer, gpt)
+    return gpt, record
 
 
 def pfid_curve(run_dir, alphas=PFID_CURVE_ALPHAS, delta: Optional[int] = None, seed: Optional[int] = None,
                num: Optional[int] = None, inception_weights=None, tokenizer=None, config=None, images=None,
                batch_size: Optional[int] = None, device=None, stats_dir=None, progress: bool = True,
-               save: bool = True) -> dict:
+               save: bool = True, noises=PFID_CURVE_NOISES) -> dict:
     """pFID at each alpha (same delta, same seed, one encode per image); saves RUN_DIR/pfid_curve.png and .json.
-    Returns {"points": [{"alpha", "delta", "pfid", "pfid<label>"}...], "proxy", "extractor", "files"}."""
+    A continuous tokenizer: the perturbed-latent FID (our analogue) at each of `noises` instead.
+    Returns {"points": [{"alpha", "delta" | "noise", "kind", "pfid", "pfid<label>"}...], "proxy", "extractor",
+    "files", ...}."""
     ev = _Evaluation(run_dir, config=config, tokenizer=tokenizer, images=images, device=device, progress=progress,
                      num=num, batch_size=batch_size, pfid_delta=delta, pfid_seed=seed,
                      inception_weights=inception_weights, stats_dir=stats_dir)
-    settings = [check_perturbation(a, ev.delta, ev.tokenizer.codebook_size) for a in alphas]
-    points = ev.curve(ev.decode(list(dict.fromkeys(settings))), alphas)
+    xs = noises if ev.continuous else alphas
+    points = ev.curve(ev.decode(list(dict.fromkeys(ev.pfid_setting(x) for x in xs))), xs)
     files = ev.save_curve(points) if save else None
-    return {"points": points, "delta": ev.delta, "seed": ev.opts.pfid_seed, "proxy": ev.info.proxy,
-            "extractor": ev.info.extractor_id, "num": ev.real.stats.count, "files": files}
+    return {"points": points, "axis": ev.curve_axis, "delta": ev.delta, "seed": ev.opts.pfid_seed,
+            "proxy": ev.info.proxy, "extractor": ev.info.extractor_id, "num": ev.real.stats.count, "files": files}

@@ -63,6 +63,31 @@ def check_seed(seed) -> int:
     return seed
 
 
+def check_position_offset(position_offset, num_tokens: int) -> int:
+    # Every backend forms the positions position_offset + n in int64. Unchecked, an offset >= 2**63 failed in the
+    # op schema (RuntimeError), a smaller one that overflowed was rejected by the Triton launcher only (signed
+    # overflow in the C++ kernel, a silent wrap in the reference). The bound is the Triton launcher's, so every
+    # backend accepts the same offsets.
+    if isinstance(position_offset, bool) or not isinstance(position_offset, int):
+        raise ValueError(f"position_offset must be a non-negative int, got {position_offset!r}")
+    limit = 2**63 - 1 - max(num_tokens, 1)
+    if not 0 <= position_offset <= limit:
+        raise ValueError(
+            f"position_offset must be an int in [0, 2**63 - 1 - max(N, 1)] = [0, {limit}] for N = {num_tokens} "
+            f"tokens, got {position_offset!r}"
+        )
+    return position_offset
+
+
+def check_beta_commit(beta_commit) -> float:
+    if isinstance(beta_commit, bool) or not isinstance(beta_commit, (int, float)):
+        raise ValueError(f"beta_commit must be a finite float >= 0, got {type(beta_commit).__name__}")
+    beta_commit = float(beta_commit)
+    if not 0.0 <= beta_commit < float("inf"):  # also rejects NaN
+        raise ValueError(f"beta_commit must be a finite float >= 0, got {beta_commit}")
+    return beta_commit
+
+
 def common_dtype(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixed dtypes (a bf16 latent against an fp32 codebook under autocast) run in fp32 rather than
     rounding the codebook down."""

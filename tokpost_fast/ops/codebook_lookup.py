@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from tokpost_fast.ops import _backends
+from tokpost_fast.ops._validate import FLOAT_DTYPES
 
 
 def codebook_lookup_reference(idx: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -88,8 +89,10 @@ def codebook_lookup(idx: torch.Tensor, codebook: torch.Tensor, backend: str = "a
     """codebook[idx] with a deterministic gradient to the codebook.
 
     # idx: [...] int64/int32, codebook: [K, D] -> [..., D]
+    codebook: float32, float16 or bfloat16 (ValueError otherwise, on every backend).
     validate=True checks the index range (one device sync); callers whose indices come from nearest_codes may
-    pass False.
+    pass False. With validate=False an index outside [0, K) is a caller bug: backends then fail in their own
+    ways (IndexError, RuntimeError, a CUDA device-side assert).
     """
     if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"idx must be an int64 or int32 tensor, got {getattr(idx, 'dtype', type(idx).__name__)}")
@@ -97,8 +100,10 @@ def codebook_lookup(idx: torch.Tensor, codebook: torch.Tensor, backend: str = "a
         raise ValueError(f"codebook must be a 2-D [K, D] tensor, got shape {tuple(getattr(codebook, 'shape', ()))}")
     if codebook.shape[0] == 0:
         raise ValueError("codebook is empty (K = 0)")
-    if not codebook.is_floating_point():
-        raise ValueError(f"codebook must be a floating-point tensor, got {codebook.dtype}")
+    if codebook.dtype not in FLOAT_DTYPES:
+        # float64 too: the fused kernels take the three dtypes the other ops do, and a backend-dependent
+        # RuntimeError (cpu, cuda) where the reference would have run is worse than one clear error everywhere.
+        raise ValueError(f"codebook must be float32, float16 or bfloat16, got {codebook.dtype}")
     if idx.device != codebook.device:
         raise ValueError(f"idx is on {idx.device} but codebook is on {codebook.device}")
     _backends.check_backend_name(backend)

@@ -3,8 +3,10 @@
 # z: [..., D], codebook: [K, D] -> dist: [..., k] fp32 (ascending), idx: [..., k] int64
 dist is the squared L2 distance ||z||^2 - 2 z.c + ||c||^2 accumulated in fp32 (it can be a hair below zero from
 rounding); with metric="cosine" both sides are l2-normalised first, so dist = 2 - 2 cos. Ties go to the lowest
-index. NaN: a NaN distance orders as +inf and is returned as +inf, so a token whose latent has a NaN gets codes
-0..k-1 with dist +inf on every backend.
+index. NaN: a NaN distance orders as +inf and is returned as +inf, so a token whose latent has a NaN or inf gets
+codes 0..k-1 with dist +inf on every backend, and a code with a NaN or inf entry comes after every finite code
+(codes at +inf in index order). Inputs large enough for the fp32 terms to overflow (|x| ~ 1e19) are outside this
+contract: the CPU kernel's fused multiply-adds then keep finite distances where the others get -inf.
 """
 
 from __future__ import annotations

@@ -7,16 +7,31 @@ position), computed inside the kernel (tokpost_fast/ops/philox.py has the contra
 same draws on every backend. The token at flat position n of z has position `position_offset + n`: calling on a
 slice z[a:b] with position_offset=a (in flat tokens) reproduces that slice of the whole call, which is what makes
 results independent of how a batch is split across steps or ranks.
+Positions are int64 on every backend: position_offset + max(N, 1) must stay below 2**63 (a ValueError otherwise,
+on every backend).
 Where two of a token's candidate codes are within rounding of each other, backends may order them differently;
 with exactly representable distances the results are bit-identical (tested).
+NaN / inf follow nearest_codes' order: a token with a NaN or inf entry ranks the codes 0..K-1 in index order, so
+it gets idx 0 and idx_perturbed = its drawn rank; codes with a NaN or inf entry rank after every finite code.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from tokpost_fast.ops import _backends
-from tokpost_fast.ops._validate import check_k, check_metric, check_rate, check_seed, check_z_codebook, common_dtype, l2_normalize
+from tokpost_fast.ops._validate import (
+    check_k,
+    check_metric,
+    check_position_offset,
+    check_rate,
+    check_seed,
+    check_z_codebook,
+    common_dtype,
+    l2_normalize,
+)
 from tokpost_fast.ops.nearest_codes import knn_codes, nearest_codes_reference
 from tokpost_fast.ops.philox import rate_threshold, ranks_for_threshold
 
@@ -81,8 +96,7 @@ def perturb_codes(
     topk = check_k("topk", topk, codebook.shape[0])
     seed = check_seed(seed)
     check_metric(metric)
-    if isinstance(position_offset, bool) or not isinstance(position_offset, int) or position_offset < 0:
-        raise ValueError(f"position_offset must be a non-negative int, got {position_offset!r}")
+    check_position_offset(position_offset, math.prod(z.shape[:-1]))
     _backends.check_backend_name(backend)
     lead_shape = z.shape[:-1]
     z, codebook = common_dtype(z.detach(), codebook.detach())

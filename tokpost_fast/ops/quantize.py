@@ -8,6 +8,9 @@ gradient of z_q flows to z unchanged. Losses use the clean (unperturbed) code (A
 codebook_loss = mean((code - sg(z))^2), commit_loss = beta_commit * mean((sg(code) - z)^2).
 With rate > 0 and topk > 1, z_q holds the perturbed codes for the tokens of the first `perturb_samples` entries of
 the leading dim (all of them when None).
+NaN / inf: a token with a NaN or inf entry gets code 0 (perturbed: its drawn rank, as in perturb_codes); NaN then
+propagates, so its z_q row and both losses (means over all tokens) are not finite, on every backend. Arguments are
+checked up front (beta_commit: a finite float >= 0; seed: None or an int in [0, 2**63), even when unused).
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from tokpost_fast.ops._validate import check_k, check_metric, check_rate, check_seed, check_z_codebook
+from tokpost_fast.ops._validate import (
+    check_beta_commit,
+    check_k,
+    check_metric,
+    check_rate,
+    check_seed,
+    check_z_codebook,
+)
 from tokpost_fast.ops.codebook_lookup import codebook_lookup
 from tokpost_fast.ops.perturb_codes import perturb_codes
 
@@ -46,6 +56,10 @@ def quantize(
     check_metric(metric)
     rate = check_rate(rate)
     topk = check_k("topk", topk, codebook.shape[0])
+    beta_commit = check_beta_commit(beta_commit)
+    # Checked even when nothing is perturbed (the seed is then unused): a bad seed is a caller bug either way.
+    if seed is not None:
+        seed = check_seed(seed)
     if perturb_samples is not None:
         if isinstance(perturb_samples, bool) or not isinstance(perturb_samples, int) or perturb_samples < 0:
             raise ValueError(f"perturb_samples must be None or a non-negative int, got {perturb_samples!r}")
@@ -61,7 +75,6 @@ def quantize(
     if perturbing and seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     if perturbing:
-        seed = check_seed(seed)
         n_pert = z.shape[0] if perturb_samples is None else min(perturb_samples, z.shape[0])
         # The perturbed samples come first, so their tokens' positions are the same as in a whole-batch call.
         idx_head, pert_head = perturb_codes(z[:n_pert], codebook, rate, topk, seed, metric="l2", backend=backend)

@@ -10,6 +10,13 @@ s % world_size. Shard s is sampled in chunks of cache.batch_size rows, chunk c w
 chunk_seed(cache.seed, s, c): a shard's bytes depend only on the settings, never on the world size or on
 interruptions, so a re-run (with or without --resume: present shards are complete by construction) continues at
 the first missing shard and ends byte-identical to one clean run. DIR/cache/index.json is written last.
+
+Continuous tokenizer + DiT generator (issue 8; our reading of the paper, the diffusion analogue of the teacher
+forcing above): each real latent x0 = encode_latent(image) * scaling_factor is noised to level cache.post_strength,
+x_s = (1 - s) x0 + s eps, and the DiT integrates it back to t = 0 (models/generator/diffusion.py: denoise_from);
+the result, divided by scaling_factor, is stored as fp16 `latents` (format: stages/token_cache.py). eps is drawn
+per image from image_seed(cache.seed, image index), so a shard's bytes again depend only on the settings.
+s = 0 stores the real latent itself, s = 1 a pure sample of the image's class.
 """
 
 from __future__ import annotations
@@ -42,6 +49,12 @@ class CacheStageConfig:
     cfg_power: float = 2.75             # guidance schedule power p
     top_k: int = 0                      # 0: no top-k filter
     top_p: float = 1.0                  # 1.0: no nucleus filter
+    # continuous tokenizer + DiT (issue 8): the noise level each real latent is denoised from (0: the real
+    # latent, 1: pure noise); 0.3 mirrors sigma = 0.7's 30 % generated tokens. Euler steps of the full [1, 0]
+    # path (a partial denoise takes its share) and guidance on the velocity (DiT's FID setting 1.5).
+    post_strength: float = 0.3
+    denoise_steps: int = 50
+    denoise_cfg_scale: float = 1.5
     seed: int = 0
     max_steps: Optional[int] = None     # build only shards [0, max_steps) (a shard is this stage's step)
     precision: str = "auto"             # auto: bf16 autocast on GPU, fp32 on CPU
@@ -60,6 +73,9 @@ class CacheStageConfig:
         check("cfg_power", self.cfg_power > 0, "must be > 0")
         check("top_k", self.top_k >= 0, "must be >= 0")
         check("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]")
+        check("post_strength", 0.0 <= self.post_strength <= 1.0, "must be in [0, 1]")
+        check("denoise_steps", self.denoise_steps >= 1, "must be >= 1")
+        check("denoise_cfg_scale", self.denoise_cfg_scale >= 0, "must be >= 0")
         check("seed", 0 <= self.seed < 2**62, "must be in [0, 2**62)")
         check("max_steps", self.max_steps is None or self.max_steps >= 0, "must be None or >= 0")
         check("precision", self.precision in ("auto", "fp32", "bf16"), "must be auto, fp32 or bf16")
@@ -75,6 +91,12 @@ def chunk_seed(seed: int, shard: int, chunk: int) -> int:
     return int.from_bytes(digest, "little") >> 2
 
 
+def image_seed(seed: int, image_index: int) -> int:
+    """62-bit seed of one image's noise in a latent cache: a function of (cache.seed, image index) only."""
+    digest = hashlib.blake2b(f"cache-image:{seed}:{image_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
 def select_images(count: int, num_images: Optional[int], seed: int) -> list[int]:
     """Data-set indices of the set's rows: all images in order, or a seeded subset of num_images (sorted, so a
     shard holds neighbouring files)."""
@@ -84,24 +106,36 @@ def select_images(count: int, num_images: Optional[int], seed: int) -> list[int]
     return sorted(torch.randperm(count, generator=g)[:num_images].tolist())
 
 
-def cache_settings(cfg, num_rows: int) -> dict:
+def cache_settings(cfg, num_rows: int, continuous: bool = False) -> dict:
     """Everything a cache's content depends on besides the checkpoints: recorded in the index and in every shard,
-    and what `post` expects (computed from its own config)."""
+    and what `post` expects (computed from its own config). continuous: a latent cache's settings."""
     cc = cfg.cache
-    return {"sigma": cc.sigma, **cc.sampling(), "seed": cc.seed, "batch_size": cc.batch_size,
-            "shard_size": cc.shard_size, "num_images": cc.num_images, "rows": num_rows,
-            "image_size": cfg.data.image_size, "crop": "center"}
+    sampling = ({"post_strength": cc.post_strength, "denoise_steps": cc.denoise_steps,
+                 "denoise_cfg_scale": cc.denoise_cfg_scale} if continuous else {"sigma": cc.sigma, **cc.sampling()})
+    return {**sampling, "seed": cc.seed, "batch_size": cc.batch_size, "shard_size": cc.shard_size,
+            "num_images": cc.num_images, "rows": num_rows, "image_size": cfg.data.image_size, "crop": "center"}
 
 
 def check_generator_tokenizer(gpt, tokenizer, tokenizer_sha256: str, generator_path) -> None:
-    """The generator's tokens must be this tokenizer's codes: refuse a generator trained on another tokenizer,
-    naming both hashes."""
+    """The generator's tokens must be this tokenizer's codes (its latents, for a DiT): refuse a generator trained
+    on another tokenizer, naming both hashes, or of the other kind."""
+    continuous = bool(getattr(tokenizer, "is_continuous", False))
+    if continuous != (gpt.kind == "dit"):
+        needs = ("continuous: it needs a DiT (--stage gen --generator dit)" if continuous else
+                 "a VQ one: it needs the AR generator")
+        raise ValueError(f"{generator_path} is a {gpt.kind!r} generator, but the tokenizer is {needs}")
     recorded = getattr(gpt, "checkpoint_extra", {}).get("tokenizer_hash")
     if recorded is not None and recorded != tokenizer_sha256:
         raise ValueError(f"{generator_path} was trained on the tokenizer with sha256 {recorded}, but this run's "
                          f"tokenizer.pt has sha256 {tokenizer_sha256}; retrain the generator (--stage gen) on it")
     if recorded is None:
         log.warning("%s records no tokenizer hash; assuming it was trained on this tokenizer", generator_path)
+    if continuous:
+        if (gpt.config.latent_channels, gpt.config.grid_size) != (tokenizer.latent_channels, tokenizer.grid_size):
+            raise ValueError(f"{generator_path}: a DiT of {gpt.config.latent_channels}-channel {gpt.config.grid_size}^2"
+                             f" latents; the tokenizer's are {tokenizer.latent_channels}-channel "
+                             f"{tokenizer.grid_size}^2")
+        return
     if gpt.config.vocab_size != tokenizer.codebook_size or gpt.config.seq_len != tokenizer.grid_size ** 2:
         raise ValueError(f"{generator_path}: vocab {gpt.config.vocab_size}, {gpt.config.seq_len} tokens; the "
                          f"tokenizer has K={tokenizer.codebook_size} and a {tokenizer.grid_size}^2 grid")
@@ -109,8 +143,8 @@ def check_generator_tokenizer(gpt, tokenizer, tokenizer_sha256: str, generator_p
 
 def plan_key(plan: dict) -> dict:
     """What a cache's bytes depend on (paths excluded: a moved run folder keeps its cache)."""
-    return {"tokenizer": plan["tokenizer"]["sha256"], "generator": plan["generator"]["sha256"],
-            "grid_size": plan["grid_size"], "codebook_size": plan["codebook_size"], "dtype": plan["dtype"],
+    sizes = {k: v for k, v in plan.items() if k not in ("tokenizer", "generator", "settings")}
+    return {"tokenizer": plan["tokenizer"]["sha256"], "generator": plan["generator"]["sha256"], **sizes,
             **plan["settings"]}
 
 
@@ -119,6 +153,7 @@ def _prepare_folder(folder: Path, plan: dict, note) -> None:
     checkpoints or settings) is stale: removed, with a note in the log."""
     import json
 
+    from tokpost_fast.atomic import remove_stale_temps
     from tokpost_fast.stages.token_cache import PLAN, settings_diff, write_json_atomic
 
     plan_path = folder / PLAN
@@ -126,6 +161,7 @@ def _prepare_folder(folder: Path, plan: dict, note) -> None:
         old = json.loads(plan_path.read_text())
         diff = settings_diff(plan_key(old), plan_key(plan))
         if not diff:
+            remove_stale_temps(folder)      # a killed run's half-written shard: never read, but not kept either
             return
         note(f"{folder} was built with another plan ({'; '.join(diff)}): rebuilding it")
         shutil.rmtree(folder)
@@ -136,18 +172,57 @@ def _prepare_folder(folder: Path, plan: dict, note) -> None:
     write_json_atomic(plan_path, plan)
 
 
+def _token_rows(tokenizer, gpt, cc, shard: int, chunk: int, images, labels, indices, dataset):
+    """SPEC A5.1 for one chunk: teacher-forced grids, the chunk's seed from (cache.seed, shard, chunk)."""
+    from tokpost_fast.models.generator import teacher_forced_sample
+    from tokpost_fast.stages.token_cache import CacheRows
+
+    seed, grid, b = chunk_seed(cc.seed, shard, chunk), tokenizer.grid_size, images.shape[0]
+    gt = tokenizer.encode(images)                                                   # [b, h, w]
+    tokens, keep = teacher_forced_sample(gpt, labels, gt, cc.sigma, seed, **cc.sampling())
+    gpt.free_cache()
+    return CacheRows(tokens=tokens.view(b, grid, grid).cpu(), gt_tokens=gt.cpu(),
+                     keep_mask=keep.view(b, grid, grid).cpu(), sample_index=indices.cpu(), label=labels.cpu(),
+                     sigma=torch.full((b,), cc.sigma), seed=torch.full((b,), seed, dtype=torch.int64),
+                     relative_paths=[dataset.relative_path(int(i)) for i in indices])
+
+
+def _latent_rows(tokenizer, dit, cc, images, labels, indices, dataset):
+    """The continuous analogue for one chunk: real latents denoised by the DiT from level post_strength, each
+    image's noise from its own seed (drawn on the CPU: the same on every device and batch split)."""
+    from tokpost_fast.models.generator import denoise_from
+    from tokpost_fast.stages.token_cache import LatentRows
+
+    seeds = [image_seed(cc.seed, int(i)) for i in indices]
+    z = tokenizer.encode_latent(images).float()                                     # [b, C, h, w]
+    if cc.post_strength == 0:
+        latents = z              # the real latent itself, not a round trip through * / scaling_factor
+    else:
+        sf = tokenizer.scaling_factor
+        noise = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
+        x0 = denoise_from(dit, z * sf, labels, cc.post_strength, cc.denoise_steps, cc.denoise_cfg_scale,
+                          noise=noise.to(z.device))
+        latents = x0 / sf
+    b = images.shape[0]
+    return LatentRows(latents=latents.half().cpu(), gt_latents=z.half().cpu(), sample_index=indices.cpu(),
+                      label=labels.cpu(), strength=torch.full((b,), cc.post_strength),
+                      seed=torch.tensor(seeds, dtype=torch.int64),
+                      relative_paths=[dataset.relative_path(int(i)) for i in indices])
+
+
 def run(cfg, run_dir: Path, resume: bool = False) -> dict:
     # Imported here: config.py imports this module for CacheStageConfig, and these import config.py.
     import time
 
     from tokpost_fast.data import ImageFolderDataset
     from tokpost_fast.data.folder import collate
-    from tokpost_fast.models.generator import load_generator, teacher_forced_sample
+    from tokpost_fast.models.generator import load_generator
     from tokpost_fast.models.tokenizer import load_tokenizer
     from tokpost_fast.stages.common import autocast, barrier, init_distributed, resolve_precision
     from tokpost_fast.stages.run_log import JsonlLog
-    from tokpost_fast.stages.token_cache import (FORMAT, INDEX, CacheRows, file_sha256, read_index, shard_name,
-                                                 token_dtype, write_json_atomic, write_shard)
+    from tokpost_fast.stages.token_cache import (FORMAT, INDEX, LATENT_FORMAT, CacheRows, LatentRows, file_sha256,
+                                                 read_index, shard_name, token_dtype, write_json_atomic,
+                                                 write_latent_shard, write_shard)
 
     cc, run_dir = cfg.cache, Path(run_dir)
     info = init_distributed()
@@ -162,16 +237,22 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(str(tokenizer_path)).to(device).eval()
     gpt = load_generator(generator_path, map_location=device).eval()
     check_generator_tokenizer(gpt, tokenizer, tokenizer_sha, generator_path)
+    continuous = gpt.kind == "dit"
 
     dataset = ImageFolderDataset(cfg.data, train=False, seed=0, epoch=0)
     rows = select_images(len(dataset), cc.num_images, cc.seed)
-    settings = cache_settings(cfg, len(rows))
-    plan = {"format": FORMAT, "settings": settings,
+    settings = cache_settings(cfg, len(rows), continuous)
+    plan = {"format": LATENT_FORMAT if continuous else FORMAT, "settings": settings,
             "tokenizer": {"path": str(tokenizer_path.resolve()), "sha256": tokenizer_sha},
             "generator": {"path": str(generator_path.resolve()), "sha256": generator_sha,
                           "tokenizer_hash": getattr(gpt, "checkpoint_extra", {}).get("tokenizer_hash")},
-            "grid_size": tokenizer.grid_size, "codebook_size": tokenizer.codebook_size,
-            "dtype": str(token_dtype(tokenizer.codebook_size)).removeprefix("torch.")}
+            "grid_size": tokenizer.grid_size}
+    if continuous:
+        plan.update(latent_channels=tokenizer.latent_channels, scaling_factor=tokenizer.scaling_factor,
+                    dtype="float16", post_strength=cc.post_strength)
+    else:
+        plan.update(codebook_size=tokenizer.codebook_size,
+                    dtype=str(token_dtype(tokenizer.codebook_size)).removeprefix("torch."))
     num_shards = math.ceil(len(rows) / cc.shard_size)
     # Every run continues the cache (present shards are complete), so the log is always appended to.
     stage_log = JsonlLog(run_dir / "cache_log.jsonl", info.is_main, resume_step=num_shards)
@@ -187,7 +268,6 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
         stage_log.write({"step": done, "event": "start", "shards": num_shards, "stop": stop, "present": done,
                          "images": len(rows), "world_size": info.world_size, **settings})
     bar = tqdm(total=todo, disable=not info.is_main, desc="cache", unit="img", dynamic_ncols=True, smoothing=0.1)
-    grid = tokenizer.grid_size
     written, t0 = 0, time.perf_counter()
     for shard in mine:
         shard_rows = rows[shard * cc.shard_size:(shard + 1) * cc.shard_size]
@@ -196,20 +276,18 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
                                              num_workers=cfg.data.num_workers)
         parts = []
         for chunk, (images, labels, indices, _bad) in enumerate(loader):
-            seed = chunk_seed(cc.seed, shard, chunk)
             images, labels = images.to(device), labels.to(device)
             with torch.no_grad(), autocast(device, precision):
-                gt = tokenizer.encode(images)                                           # [b, h, w]
-                tokens, keep = teacher_forced_sample(gpt, labels, gt, cc.sigma, seed, **cc.sampling())
-            gpt.free_cache()
-            b = images.shape[0]
-            parts.append(CacheRows(tokens=tokens.view(b, grid, grid).cpu(), gt_tokens=gt.cpu(),
-                                   keep_mask=keep.view(b, grid, grid).cpu(), sample_index=indices.cpu(),
-                                   label=labels.cpu(), sigma=torch.full((b,), cc.sigma),
-                                   seed=torch.full((b,), seed, dtype=torch.int64),
-                                   relative_paths=[dataset.relative_path(int(i)) for i in indices]))
-            bar.update(b)
-        write_shard(folder / shard_name(shard), CacheRows.concat(parts), shard, tokenizer.codebook_size, settings)
+                if continuous:
+                    parts.append(_latent_rows(tokenizer, gpt, cc, images, labels, indices, dataset))
+                else:
+                    parts.append(_token_rows(tokenizer, gpt, cc, shard, chunk, images, labels, indices, dataset))
+            bar.update(images.shape[0])
+        if continuous:
+            write_latent_shard(folder / shard_name(shard), LatentRows.concat(parts), shard, settings)
+        else:
+            write_shard(folder / shard_name(shard), CacheRows.concat(parts), shard, tokenizer.codebook_size,
+                        settings)
         written += 1
     bar.close()
     seconds = time.perf_counter() - t0

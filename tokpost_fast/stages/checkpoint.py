@@ -4,13 +4,18 @@ Layout (one folder per checkpoint, the `latest` file written last):
     RUN/checkpoints/step-00000100/<engine name>/ds/...     DeepSpeed save_checkpoint (all ranks)
     RUN/checkpoints/step-00000100/train_state.pt           step, epoch, EMA, LeCam buffers, counters (rank 0)
     RUN/checkpoints/step-00000100/rng-rank<r>.pt           every rank's RNG states
+    RUN/checkpoints/step-00000100/manifest.json            size + sha256 of every file above (rank 0, last)
     RUN/checkpoints/latest                                 "step-00000100"
 Everything is first written under step-00000100.tmp/ and renamed when complete, so a crash mid-save leaves the
-previous checkpoint (and `latest`) untouched.
+previous checkpoint (and `latest`) untouched. On resume the newest checkpoint whose files match its manifest is
+used; a damaged one (disk error, a file edited or truncated by hand) is reported by name and the previous one is
+tried, so --resume never loads a corrupt state.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import shutil
@@ -20,10 +25,14 @@ from typing import Mapping, Optional
 import numpy as np
 import torch
 
+from tokpost_fast.atomic import atomic_write_json, atomic_write_text, file_sha256
 from tokpost_fast.stages.common import DistInfo, barrier
+
+log = logging.getLogger("tokpost_fast.train")
 
 DS_TAG = "ds"
 STATE_FILE = "train_state.pt"
+MANIFEST = "manifest.json"
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -45,15 +54,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(run_dir: Path, step: int, engines: Mapping[str, object], state: dict, info: DistInfo,
                     keep: int = 2) -> Path:
     """Collective: every rank calls it. `state` (rank 0's) holds whatever the stage needs besides the engines."""
@@ -73,10 +73,11 @@ def save_checkpoint(run_dir: Path, step: int, engines: Mapping[str, object], sta
         torch.save(state, tmp / STATE_FILE)
     barrier()
     if info.is_main:
+        atomic_write_json(tmp / MANIFEST, manifest_of(tmp), sort_keys=True)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_text_atomic(root / "latest", tag)
+        atomic_write_text(root / "latest", tag)
         _prune(root, keep)
     barrier()
     return final
@@ -90,15 +91,54 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The folder named by RUN/checkpoints/latest, or None when the run has no complete checkpoint."""
-    pointer = checkpoint_root(run_dir) / "latest"
-    if not pointer.is_file():
-        return None
-    path = checkpoint_root(run_dir) / pointer.read_text().strip()
+def manifest_of(folder: Path) -> dict:
+    """{relative path: {"bytes": size, "sha256": digest}} of every file under `folder` but the manifest."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """None when the checkpoint folder is complete and matches its manifest, else what is wrong (names a file)."""
+    path = Path(path)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is incomplete (no {STATE_FILE})")
-    return path
+        return f"{path.name} is incomplete (no {STATE_FILE})"
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        return None                # written before manifests existed: nothing to check against
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return f"{manifest_file} is unreadable ({err})"
+    for rel, expected in manifest.items():
+        file = path / rel
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != expected["bytes"]:
+            return f"{file} has {file.stat().st_size} bytes, its manifest says {expected['bytes']}"
+        if file_sha256(file) != expected["sha256"]:
+            return f"{file} does not match the sha256 in its manifest"
+    return None
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest complete, verified checkpoint folder of the run, or None when it has none. A newer one that fails
+    verification is skipped with a warning naming the damaged file; if checkpoints exist but none verifies, the
+    error lists why each was refused (resuming from scratch silently would throw away days of training)."""
+    root = checkpoint_root(run_dir)
+    done = sorted((p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+    refused = []
+    for path in done:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            for why in refused:
+                log.warning("skipping a damaged checkpoint: %s; resuming from %s", why, path.name)
+            log.info("latest verified checkpoint: %s", path)
+            return path
+        refused.append(problem)
+    if refused:
+        raise FileNotFoundError(f"no usable checkpoint in {root}: " + "; ".join(refused))
+    return None
 
 
 def load_checkpoint(path: Path, engines: Mapping[str, object], info: DistInfo) -> dict:

@@ -238,3 +238,15 @@ def seed_everything(seed: int) -> None:
 
 def param_count(params: Optional[Iterable[torch.nn.Parameter]]) -> int:
     return sum(p.numel() for p in params or ())
+
+
+def unreadable_images_all_ranks() -> list[str]:
+    """Sorted paths of the unreadable images any rank skipped so far (collective when distributed)."""
+    from tokpost_fast.data.folder import SKIPPED_IN_PROCESS
+
+    mine = sorted(SKIPPED_IN_PROCESS)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return mine
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    return sorted({path for paths in everyone for path in paths})

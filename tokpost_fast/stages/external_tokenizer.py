@@ -3,6 +3,9 @@
     SPEC = llamagen:PATH    a LlamaGen VQ checkpoint (e.g. vq_ds16_c2i.pt), loaded into our CNN tokenizer
                             (models/tokenizer/checkpoint.py: load_llamagen_checkpoint; sizes read from the tensors,
                             image size from the run config's data.image_size)
+    SPEC = sdvae:PATH       a Stable Diffusion VAE in diffusers' AutoencoderKL layout (.safetensors, .bin, .pt),
+                            loaded into our continuous KLTokenizer (models/tokenizer/kl_checkpoint.py:
+                            load_sdvae_checkpoint; sizes read from the tensors, image size as above)
     SPEC = PATH             a tokpost_fast tokenizer file
 
 train.py imports it once into RUN_DIR/tokenizer.pt (our format, recording the source file and its sha256), so the
@@ -19,12 +22,17 @@ from typing import Optional
 log = logging.getLogger("tokpost_fast.train")
 
 LLAMAGEN = "llamagen:"
+SDVAE = "sdvae:"
 TOKENIZER_FILE = "tokenizer.pt"
 
 
 def parse_spec(spec: str) -> tuple[str, Path]:
-    """'llamagen:PATH' -> ("llamagen", PATH); 'PATH' -> ("tokpost", PATH). A missing file is an error."""
-    kind, path = ("llamagen", spec[len(LLAMAGEN):]) if spec.startswith(LLAMAGEN) else ("tokpost", spec)
+    """'llamagen:PATH' -> ("llamagen", PATH); 'sdvae:PATH' -> ("sdvae", PATH); 'PATH' -> ("tokpost", PATH).
+    A missing file is an error."""
+    kind, path = "tokpost", spec
+    for prefix in (LLAMAGEN, SDVAE):
+        if spec.startswith(prefix):
+            kind, path = prefix[:-1], spec[len(prefix):]
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"--tokenizer {spec}: no such file {path}")
@@ -32,12 +40,14 @@ def parse_spec(spec: str) -> tuple[str, Path]:
 
 
 def load_tokenizer_spec(spec: str, image_size: int = 256):
-    """The tokenizer SPEC names, as a VQTokenizer on the CPU."""
-    from tokpost_fast.models.tokenizer import load_llamagen_checkpoint, load_tokenizer
+    """The tokenizer SPEC names, on the CPU: a VQTokenizer, or a KLTokenizer for sdvae:PATH."""
+    from tokpost_fast.models.tokenizer import load_llamagen_checkpoint, load_sdvae_checkpoint, load_tokenizer
 
     kind, path = parse_spec(spec)
     if kind == "llamagen":
         return load_llamagen_checkpoint(str(path), image_size=image_size)
+    if kind == "sdvae":
+        return load_sdvae_checkpoint(str(path), image_size=image_size)
     return load_tokenizer(str(path))
 
 
@@ -82,8 +92,10 @@ def install_tokenizer(spec: str, run_dir: Path, cfg, stage: str) -> Path:
                 model = load_tokenizer_spec(spec, image_size=cfg.data.image_size)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 save_tokenizer(model, str(target), extra={"imported_from": source, "weights": "imported"})
-                log.info("imported %s tokenizer %s into %s (K=%d, %dx%d grid)", kind, path, target,
-                         model.codebook_size, model.grid_size, model.grid_size)
+                size = (f"{model.latent_channels} latent channels" if model.is_continuous
+                        else f"K={model.codebook_size}")
+                log.info("imported %s tokenizer %s into %s (%s, %dx%d grid)", kind, path, target, size,
+                         model.grid_size, model.grid_size)
         except (ValueError, FileNotFoundError) as err:
             error = f"{type(err).__name__}: {err}"
     error = broadcast_object(error)

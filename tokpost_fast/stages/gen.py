@@ -1,6 +1,8 @@
-"""Stage `gen`: train the class-conditional AR generator on the main-trained tokenizer's token grids (SPEC A4, B3).
+"""Stage `gen`: train the class-conditional AR generator on the main-trained tokenizer's token grids (SPEC A4, B3),
+or, for a continuous tokenizer, the DiT on its latents (issue 8; gen.generator: dit).
 
     deepspeed [--num_gpus N] tokpost_fast/train.py --stage gen --config configs/demo.yaml --run-dir DIR [--resume]
+        [--generator dit]
 
 1. Token grids: every training image and its horizontal flip are encoded once with DIR/tokenizer.pt (center crop,
    no augmentation; ranks split the images) and cached in DIR/tokens/tokens.pt together with the tokenizer's
@@ -9,13 +11,17 @@
    for classifier-free guidance, one of the two flips per image and epoch. Checkpoints, log.jsonl and sample grids
    live in DIR/gen/ (DIR/checkpoints belongs to the main stage); --resume continues from DIR/gen/checkpoints.
 3. Export: DIR/generator.pt (EMA weights when ema_decay > 0) with the tokenizer's hash.
+
+With gen.generator = dit the inputs are encode_latent(x) * scaling_factor (and flips), cached in
+DIR/latents/latents.pt, and the loss is the rectified-flow MSE (models/generator/diffusion.py); everything else
+(engine, checkpoints, resume, log, export) is the same. DiT's own recipe differs from RAR's defaults below: AdamW
+lr 1e-4, betas (0.9, 0.999), no weight decay, constant LR, EMA 0.9999; set them in the config.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,26 +29,30 @@ from typing import Any, Optional
 
 import torch
 
-from tokpost_fast.models.generator import (GeneratorConfig, build_generator, generator_config, next_token_loss,
-                                           save_generator)
-from tokpost_fast.models.generator.config import GENERATOR_PRESETS
+from tokpost_fast.atomic import atomic_torch_save
+from tokpost_fast.models.generator import (build_generator, flow_loss, flow_pair, generator_config,
+                                           next_token_loss, save_generator)
+from tokpost_fast.models.generator.config import CONFIG_CLASSES, PRESETS_BY_KIND, config_to_dict
 from tokpost_fast.stages.common import (EMA, NonFiniteGuard, all_reduce_sum, autocast, barrier, cosine_lr,
                                         deepspeed_config, init_distributed, resolve_precision, seed_everything,
                                         set_lr)
 
 log = logging.getLogger("tokpost_fast.train")
 
-FROM_TOKENIZER = ("vocab_size", "seq_len")
-SET_BY_STAGE = FROM_TOKENIZER + ("class_dropout",)   # class_dropout is gen.label_drop
+FROM_TOKENIZER = {"ar": ("vocab_size", "seq_len"), "dit": ("latent_channels", "grid_size")}
+SET_BY_STAGE = {kind: keys + ("class_dropout",) for kind, keys in FROM_TOKENIZER.items()}  # gen.label_drop
+DEFAULT_PRESETS = {"ar": "demo", "dit": "demo_dit"}
 
 
 @dataclass
 class GenStageConfig:
     """Generator training (SPEC A4: AdamW lr 4e-4, betas (0.9, 0.96), wd 0.03, cosine, label dropout 0.1)."""
 
-    preset: str = "demo"                  # GENERATOR_PRESETS name
-    model: dict[str, Any] = field(default_factory=dict)   # GeneratorConfig overrides (vocab_size and seq_len
-                                          # come from the tokenizer, num_classes from the data set unless given)
+    generator: str = "ar"                 # "ar" (token grids, VQ tokenizer) | "dit" (latents, continuous tokenizer)
+    preset: Optional[str] = None          # a preset of that kind (None: "demo" / "demo_dit")
+    model: dict[str, Any] = field(default_factory=dict)   # config overrides (vocab_size and seq_len, or
+                                          # latent_channels and grid_size, come from the tokenizer, num_classes
+                                          # from the data set unless given)
     global_batch_size: int = 64           # over all ranks
     lr: float = 4e-4
     min_lr: float = 1e-5
@@ -63,7 +73,8 @@ class GenStageConfig:
     sample_classes: int = 4               # rows of the sample grid (the first classes)
     sample_images: int = 8                # images per row
     sample_cfg_scale: float = 4.0
-    sample_cfg_power: float = 1.0
+    sample_cfg_power: float = 1.0         # AR only
+    sample_steps: int = 50                # DiT only: Euler steps of the sample grids
     seed: int = 0
     zero_stage: int = 2
     precision: str = "auto"               # auto: bf16 autocast on GPU, fp32 on CPU
@@ -77,12 +88,22 @@ class GenStageConfig:
             if not ok:
                 raise ValueError(f"gen.{name}={getattr(self, name)!r}: {why}")
 
-        check("preset", self.preset in GENERATOR_PRESETS, f"must be one of {sorted(GENERATOR_PRESETS)}")
-        known = {f.name for f in dataclasses.fields(GeneratorConfig)} - set(SET_BY_STAGE)
+        check("generator", self.generator in PRESETS_BY_KIND, f"must be one of {sorted(PRESETS_BY_KIND)}")
+        if self.preset is None:
+            self.preset = DEFAULT_PRESETS[self.generator]
+        presets = PRESETS_BY_KIND[self.generator]
+        check("preset", self.preset in presets, f"must be a {self.generator!r} preset: one of {sorted(presets)}")
+        known = {f.name for f in dataclasses.fields(CONFIG_CLASSES[self.generator])} - set(SET_BY_STAGE[self.generator])
         unknown = sorted(set(self.model) - known)
-        check("model", not unknown, f"unknown or stage-set keys {unknown} (vocab_size, seq_len: from the tokenizer; "
-                                    f"class_dropout: gen.label_drop); valid: {sorted(known)}")
-        generator_config(self.preset, **self.model)       # the model's own checks, now rather than mid-run
+        check("model", not unknown, f"unknown or stage-set keys {unknown} ({', '.join(FROM_TOKENIZER[self.generator])}"
+                                    f": from the tokenizer; class_dropout: gen.label_drop); valid: {sorted(known)}")
+        # the model's own checks, now rather than mid-run; a DiT's patch must divide the tokenizer's grid, which
+        # only the run knows, so that one check waits (here the grid is set to a multiple of the patch)
+        sizes = {}
+        if self.generator == "dit":
+            patch = self.model.get("patch_size", presets[self.preset].patch_size)
+            sizes = {"grid_size": patch if isinstance(patch, int) and patch >= 1 else 1}
+        generator_config(self.preset, **self.model, **sizes)
         check("global_batch_size", self.global_batch_size >= 1, "must be >= 1")
         check("lr", self.lr > 0, "must be > 0")
         check("min_lr", 0 <= self.min_lr <= self.lr, "must be in [0, lr]")
@@ -95,7 +116,7 @@ class GenStageConfig:
         check("grad_clip", self.grad_clip >= 0, "must be >= 0 (0 disables)")
         check("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)")
         for name in ("extract_batch_size", "log_interval", "ckpt_interval", "keep_checkpoints", "sample_classes",
-                     "sample_images", "max_bad_steps"):
+                     "sample_images", "sample_steps", "max_bad_steps"):
             check(name, getattr(self, name) >= 1, "must be >= 1")
         check("sample_interval", self.sample_interval >= 0, "must be >= 0")
         check("zero_stage", self.zero_stage in (0, 1, 2),
@@ -103,16 +124,7 @@ class GenStageConfig:
         check("precision", self.precision in ("auto", "fp32", "bf16"), "must be auto, fp32 or bf16")
 
 
-# --- 1. token grids ---------------------------------------------------------------------------------------------
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
+# --- 1. token grids (or latents) --------------------------------------------------------------------------------
 def _token_dtype(codebook_size: int) -> torch.dtype:
     return torch.int16 if codebook_size <= 2**15 else torch.int32   # ImageNet x 2 flips x 256: 1.3 GB as int16
 
@@ -132,12 +144,28 @@ def extract_tokens(cfg, run_dir: Path, tokenizer, tokenizer_hash: str, info, pre
     "num_classes", "tokenizer_hash", "flip"}; reused when its hash and flip setting match. Each rank encodes its
     share of the images into DIR/tokens/part-rank<r>.pt; rank 0 merges them by image index (the run folder is
     shared, as DeepSpeed's checkpoints already require)."""
+    grid = tokenizer.grid_size
+    return _extract(cfg, run_dir, tokenizer, tokenizer_hash, info, precision, jsonl, "tokens", tokenizer.encode,
+                    _token_dtype(tokenizer.codebook_size), (grid, grid))
+
+
+@torch.no_grad()
+def extract_latents(cfg, run_dir: Path, tokenizer, tokenizer_hash: str, info, precision: str, jsonl=None) -> dict:
+    """extract_tokens for a continuous tokenizer: DIR/latents/latents.pt = {"latents": [N, F, C, h, w], ...}, the
+    DiT's inputs encode_latent(x) * scaling_factor, stored fp16 (ImageNet x 2 flips of 4 x 32 x 32: 21 GB)."""
+    sf, grid = tokenizer.scaling_factor, tokenizer.grid_size
+    return _extract(cfg, run_dir, tokenizer, tokenizer_hash, info, precision, jsonl, "latents",
+                    lambda x: tokenizer.encode_latent(x).float() * sf, torch.float16,
+                    (tokenizer.latent_channels, grid, grid))
+
+
+def _extract(cfg, run_dir, tokenizer, tokenizer_hash, info, precision, jsonl, key, encode, dtype, row_shape):
     from tokpost_fast.data import build_loader
     from tokpost_fast.stages.run_log import progress_bar
 
     gen = cfg.gen
-    folder = Path(run_dir) / "tokens"
-    path = folder / "tokens.pt"
+    folder = Path(run_dir) / key
+    path = folder / f"{key}.pt"
     cache = _valid_cache(path, tokenizer_hash, gen.flip)
     if cache is not None:
         return cache
@@ -145,15 +173,14 @@ def extract_tokens(cfg, run_dir: Path, tokenizer, tokenizer_hash: str, info, pre
         jsonl.event(0, f"{path} was made by another tokenizer or flip setting: re-extracting")
     data_cfg = dataclasses.replace(cfg.data, batch_size=gen.extract_batch_size)
     loader = build_loader(data_cfg, train=False, rank=info.rank, world_size=info.world_size, seed=0, epoch=0)
-    dtype = _token_dtype(tokenizer.codebook_size)
-    tokenizer = tokenizer.to(info.device).eval()
-    parts = {"indices": [], "tokens": [], "labels": []}
-    bar = progress_bar(len(loader), 0, info.is_main, "extract tokens")
+    tokenizer.to(info.device).eval()
+    parts = {"indices": [], key: [], "labels": []}
+    bar = progress_bar(len(loader), 0, info.is_main, f"extract {key}")
     for images, batch_labels, indices in loader:
         images = images.to(info.device, non_blocking=True)
         with autocast(info.device, precision):
-            codes = [tokenizer.encode(images)] + ([tokenizer.encode(images.flip(-1))] if gen.flip else [])
-        parts["tokens"].append(torch.stack(codes, dim=1).cpu().to(dtype))      # [b, F, h, w]
+            codes = [encode(images)] + ([encode(images.flip(-1))] if gen.flip else [])
+        parts[key].append(torch.stack(codes, dim=1).cpu().to(dtype))           # [b, F, *row_shape]
         parts["labels"].append(torch.as_tensor(batch_labels).cpu().long())
         parts["indices"].append(torch.as_tensor(indices).cpu().long())
         bar.update(1)
@@ -161,24 +188,24 @@ def extract_tokens(cfg, run_dir: Path, tokenizer, tokenizer_hash: str, info, pre
     if info.is_main:
         folder.mkdir(parents=True, exist_ok=True)
     barrier()
-    _atomic_save({k: torch.cat(v) for k, v in parts.items()}, folder / f"part-rank{info.rank}.pt")
+    atomic_torch_save({k: torch.cat(v) for k, v in parts.items()}, folder / f"part-rank{info.rank}.pt")
     barrier()
     if info.is_main:
-        count, views, grid = len(loader.dataset), 2 if gen.flip else 1, tokenizer.grid_size
-        tokens = torch.zeros(count, views, grid, grid, dtype=dtype)
+        count, views = len(loader.dataset), 2 if gen.flip else 1
+        tokens = torch.zeros(count, views, *row_shape, dtype=dtype)
         labels = torch.full((count,), -1, dtype=torch.long)
         for rank in range(info.world_size):
             part = torch.load(folder / f"part-rank{rank}.pt", map_location="cpu", weights_only=True)
-            tokens[part["indices"]], labels[part["indices"]] = part["tokens"], part["labels"]
+            tokens[part["indices"]], labels[part["indices"]] = part[key], part["labels"]
         encoded = labels >= 0   # an unreadable image (data.on_bad_image="skip") is encoded by no rank: drop its row
         if not encoded.all():
-            message = f"token extraction: {int((~encoded).sum())} unreadable images left out"
+            message = f"{key} extraction: {int((~encoded).sum())} unreadable images left out"
             if jsonl is not None:
                 jsonl.event(0, message)
             tokens, labels = tokens[encoded], labels[encoded]
         num_classes = getattr(loader.dataset, "num_classes", None) or int(labels.max()) + 1
-        _atomic_save({"tokens": tokens, "labels": labels, "num_classes": int(num_classes),
-                      "tokenizer_hash": tokenizer_hash, "flip": gen.flip}, path)
+        atomic_torch_save({key: tokens, "labels": labels, "num_classes": int(num_classes),
+                           "tokenizer_hash": tokenizer_hash, "flip": gen.flip}, path)
         for rank in range(info.world_size):
             (folder / f"part-rank{rank}.pt").unlink()
     barrier()
@@ -189,8 +216,9 @@ def extract_tokens(cfg, run_dir: Path, tokenizer, tokenizer_hash: str, info, pre
 def fused_adamw(model: torch.nn.Module, lr: float, betas, weight_decay: float, device: torch.device):
     """AdamW with decay on weight matrices only. apex FusedAdam when importable, torch's fused CUDA kernel on a
     GPU, torch's multi-tensor (foreach) AdamW on the CPU (DeepSpeedCPUAdam would need a JIT C++ build)."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]   # not DiT's fixed pos_embed
+    decay = [p for n, p in trainable if p.ndim >= 2 and "emb" not in n]
+    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "emb" not in n)]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if device.type == "cuda":
         try:
@@ -229,15 +257,21 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
         raise FileNotFoundError(f"{tokenizer_path} is missing: run --stage main first (it exports the tokenizer)")
     tokenizer_hash = file_sha256(tokenizer_path)
     tokenizer = load_tokenizer(str(tokenizer_path)).eval()
+    dit = gen.generator == "dit"
+    if dit != bool(getattr(tokenizer, "is_continuous", False)):
+        raise ValueError(f"gen.generator={gen.generator!r} does not fit {tokenizer_path}, a "
+                         f"{'continuous' if not dit else 'VQ'} tokenizer: the AR generator models token grids of a "
+                         "VQ tokenizer, the DiT (--generator dit) latents of a continuous one")
     if info.is_main:
         stage_dir.mkdir(parents=True, exist_ok=True)
     barrier()
     checkpoint = latest_checkpoint(stage_dir) if resume else None
     jsonl = JsonlLog(stage_dir / "log.jsonl", info.is_main,
                      resume_step=None if checkpoint is None else int(checkpoint.name.split("-")[1]))
-    data = extract_tokens(cfg, run_dir, tokenizer, tokenizer_hash, info, precision, jsonl)
-    token_grids, labels = data["tokens"], data["labels"]
-    count, views = token_grids.shape[:2]
+    extract = extract_latents if dit else extract_tokens
+    data = extract(cfg, run_dir, tokenizer, tokenizer_hash, info, precision, jsonl)
+    inputs, labels = data["latents" if dit else "tokens"], data["labels"]     # [N, F, ...]
+    count, views = inputs.shape[:2]
     steps_per_epoch = count // gen.global_batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"{count} training images is fewer than gen.global_batch_size={gen.global_batch_size}")
@@ -245,8 +279,9 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
     stop_at = min(total_steps, gen.max_steps) if gen.max_steps is not None else total_steps
     warmup = int(gen.warmup_epochs * steps_per_epoch)
 
-    model_cfg = generator_config(gen.preset, **{"num_classes": data["num_classes"], **gen.model},
-                                 vocab_size=tokenizer.codebook_size, seq_len=tokenizer.grid_size ** 2,
+    sizes = (dict(latent_channels=tokenizer.latent_channels, grid_size=tokenizer.grid_size) if dit else
+             dict(vocab_size=tokenizer.codebook_size, seq_len=tokenizer.grid_size ** 2))
+    model_cfg = generator_config(gen.preset, **{"num_classes": data["num_classes"], **gen.model}, **sizes,
                                  class_dropout=gen.label_drop)
     seed_everything(gen.seed)                        # the same initial weights on every rank
     gpt = build_generator(model_cfg).to(info.device)
@@ -265,10 +300,10 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
         if ema is not None:
             ema.load_state_dict(state["ema"])
     else:
-        seed_everything(gen.seed + 7919 * info.rank)  # per-rank label-dropout draws
+        seed_everything(gen.seed + 7919 * info.rank)  # per-rank label-dropout (and DiT noise / time) draws
         jsonl.write({"step": 0, "event": "start", "params": gpt.num_params(), "optimizer": opt_name,
                      "images": count, "views": views, "steps": total_steps, "world_size": info.world_size,
-                     "model": dataclasses.asdict(model_cfg)})
+                     "model": config_to_dict(model_cfg)})
 
     def state_dict() -> dict:
         return {"step": step, "tokenizer_hash": tokenizer_hash, "guard": guard.state_dict(),
@@ -278,28 +313,37 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
         if not info.is_main:
             return
         classes = torch.arange(min(gen.sample_classes, model_cfg.num_classes), device=info.device)
+        settings = dict(steps=gen.sample_steps) if dit else dict(cfg_power=gen.sample_cfg_power)
         sampled = sample_images(gpt, tokenizer.to(info.device), classes.repeat_interleave(gen.sample_images),
-                                cfg_scale=gen.sample_cfg_scale, cfg_power=gen.sample_cfg_power,
+                                cfg_scale=gen.sample_cfg_scale, **settings,
                                 generator=torch.Generator(info.device).manual_seed(gen.seed))
-        gpt.free_cache()
+        if not dit:
+            gpt.free_cache()
         save_image_grid(sampled, stage_dir / "samples" / f"step-{step:08d}.png", nrow=gen.sample_images)
 
     bar = progress_bar(stop_at, step, info.is_main, "gen")
     order_epoch, order = -1, None
-    loss_sum, tokens_seen, t0 = torch.zeros(2, dtype=torch.float64), 0, time.perf_counter()
+    loss_sum, items_seen, t0 = torch.zeros(2, dtype=torch.float64), 0, time.perf_counter()
     while step < stop_at:
         epoch, within = divmod(step, steps_per_epoch)
         if epoch != order_epoch:
             order_epoch, order = epoch, _epoch_order(gen.seed, epoch, count, views)
         rows = order[0][within * gen.global_batch_size:][info.rank * micro:(info.rank + 1) * micro]
-        tokens = token_grids[rows, order[1][rows]].flatten(1).long().to(info.device, non_blocking=True)
+        batch = inputs[rows, order[1][rows]].to(info.device, non_blocking=True)
         batch_labels = labels[rows].to(info.device, non_blocking=True)
         lr = cosine_lr(step, total_steps, warmup, gen.lr, gen.min_lr)
         set_lr(optimizer, lr)
         engine.train()
-        with autocast(info.device, precision):
-            logits = engine(tokens, gpt.drop_labels(batch_labels, gen.label_drop))
-        loss = next_token_loss(logits, tokens)
+        if dit:                                      # rectified flow on x0 = z * scaling_factor
+            x_t, t, target = flow_pair(batch.float(), time_sampling=model_cfg.time_sampling)
+            with autocast(info.device, precision):
+                velocity = engine(x_t, t, gpt.drop_labels(batch_labels, gen.label_drop))
+            loss = flow_loss(velocity, target)
+        else:
+            tokens = batch.flatten(1).long()
+            with autocast(info.device, precision):
+                logits = engine(tokens, gpt.drop_labels(batch_labels, gen.label_drop))
+            loss = next_token_loss(logits, tokens)
         if guard.ok(loss):
             engine.backward(loss)
             engine.step()
@@ -307,20 +351,21 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
                 ema.update(gpt)
             loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
         step += 1
-        tokens_seen += tokens.numel()
+        items_seen += batch.shape[0] if dit else batch[0].numel() * batch.shape[0]
         bar.update(1)
         if step % gen.log_interval == 0 or step == stop_at:
-            totals = all_reduce_sum(torch.cat([loss_sum, torch.tensor([float(tokens_seen)], dtype=torch.float64)]))
+            totals = all_reduce_sum(torch.cat([loss_sum, torch.tensor([float(items_seen)], dtype=torch.float64)]))
             elapsed = time.perf_counter() - t0
             row = {"step": step, "epoch": step / steps_per_epoch, "lr": lr, "skipped": guard.skipped,
-                   "loss": float(totals[0] / max(totals[1], 1.0)), "tokens_per_s": float(totals[2]) / elapsed}
+                   "loss": float(totals[0] / max(totals[1], 1.0)),
+                   ("images_per_s" if dit else "tokens_per_s"): float(totals[2]) / elapsed}
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
             jsonl.write(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
             loss_sum.zero_()
-            tokens_seen, t0 = 0, time.perf_counter()
+            items_seen, t0 = 0, time.perf_counter()
         if step % gen.ckpt_interval == 0 or step == stop_at:
             save_checkpoint(stage_dir, step, {"gpt": engine}, state_dict(), info, keep=gen.keep_checkpoints)
         if (gen.sample_interval and step % gen.sample_interval == 0) or step == stop_at:
@@ -335,4 +380,4 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
         jsonl.write({"step": step, "event": "export", "path": str(export)})
     jsonl.close()
     barrier()
-    return {"step": step, "generator": str(export), "tokens": count * views}
+    return {"step": step, "generator": str(export), ("latents" if dit else "tokens"): count * views}

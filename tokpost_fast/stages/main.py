@@ -4,6 +4,11 @@ the adaptive weight, EMA of the autoencoder weights; exports RUN/tokenizer.pt (t
 
     deepspeed --num_gpus 2 tokpost_fast/train.py --stage main --config configs/demo.yaml --run-dir runs/demo
 
+A continuous tokenizer (arch kl_cnn, KLTokenizer) trains through the same loop: its KL term replaces the
+codebook / commitment terms, and the latent perturbation is Gaussian noise (perturb.noise, annealed like alpha) on
+the same first floor(B_local * beta) samples, our analogue of SPEC A2; there is no codebook usage to log. When
+tokenizer.scaling_factor is None it is measured at export (1 / std of the EMA model's posterior means).
+
 Exact resume: the data order depends only on (seed, epoch) and the batches of the current epoch already consumed
 are skipped; every random draw of a step is keyed by (train.seed, global step, rank) (perturb.step_seed), and the
 LR schedule by the step alone, so N steps + --resume + N steps give the weights of 2N straight steps.
@@ -25,15 +30,19 @@ import torch.nn as nn
 from tokpost_fast.config import Config, config_diff, dump_config, read_yaml, to_dict
 from tokpost_fast.data import ImageFolderDataset, build_loader
 from tokpost_fast.losses import TokenizerLoss, build_tokenizer_loss
-from tokpost_fast.models.tokenizer import VQTokenizer, build_discriminator, build_tokenizer, save_tokenizer
-from tokpost_fast.perturb import perturb_params, perturbed_count, step_seed
+from tokpost_fast.models.tokenizer import Tokenizer, build_discriminator, build_tokenizer, save_tokenizer
+from tokpost_fast.models.tokenizer.kl import estimate_scaling_factor
+from tokpost_fast.perturb import perturb_params, perturbed_samples, step_seed
 from tokpost_fast.stages.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tokpost_fast.stages.common import (EMA, DistInfo, NonFiniteGuard, NonFiniteLossError, autocast, barrier,
                                         build_engine, cosine_lr, deepspeed_config, init_distributed, param_count,
-                                        resolve_precision, seed_everything, set_lr)
+                                        resolve_precision, seed_everything, set_lr,
+                                        unreadable_images_all_ranks)
 from tokpost_fast.stages.run_log import CodebookUsage, JsonlLog, StepTimer, progress_bar, save_image_grid
 
 log = logging.getLogger("tokpost_fast.train")
+
+SCALE_IMAGES = 256  # eval-transformed training images behind a measured scaling_factor (spread over classes)
 
 
 class GeneratorObjective(nn.Module):
@@ -50,7 +59,7 @@ class GeneratorObjective(nn.Module):
     LeCam buffers) and the discriminator, which the other engine owns and which runs functionally on detached
     parameters here (a ZeRO engine must not see gradients of another engine's parameters)."""
 
-    def __init__(self, tokenizer: VQTokenizer, loss_fn: TokenizerLoss, discriminator: nn.Module):
+    def __init__(self, tokenizer: Tokenizer, loss_fn: TokenizerLoss, discriminator: nn.Module):
         super().__init__()
         self.tokenizer = tokenizer
         self.extra = nn.ParameterList(loss_fn.trainable_parameters())
@@ -63,9 +72,15 @@ class GeneratorObjective(nn.Module):
         return torch.func.functional_call(self.discriminator, state, (images,))
 
     def reconstruct(self, images: torch.Tensor, perturb_rate: float, perturb_topk: int, perturb_samples: int,
-                    seed: int):
-        """-> (recon, q, z_q): the decoder's output, the QuantizeOutput whose codebook / commit terms count (None:
-        no such terms), the latent the decoder saw (None: q.z_q). Post-training overrides it (stages/post.py)."""
+                    seed: int, perturb_noise: float = 0.0):
+        """-> (recon, q, z_q): the decoder's output, the QuantizeOutput whose codebook / commit terms count (a
+        KLOutput for a continuous tokenizer: its KL term; None: no such terms), the latent the decoder saw (None:
+        q's). Post-training overrides it (stages/post.py). A continuous tokenizer takes perturb_noise and ignores
+        perturb_rate / perturb_topk."""
+        if self.tokenizer.is_continuous:
+            recon, out = self.tokenizer(images, perturb_noise=perturb_noise, perturb_samples=perturb_samples,
+                                        seed=seed)
+            return recon, out, None
         recon, q = self.tokenizer(images, perturb_rate=perturb_rate, perturb_topk=perturb_topk,
                                   perturb_samples=perturb_samples, seed=seed)
         return recon, q, None
@@ -76,7 +91,7 @@ class GeneratorObjective(nn.Module):
                                                  discriminator=self._frozen_discriminator,
                                                  last_layer=self.tokenizer.last_layer(),
                                                  semantic_projection=self.tokenizer.semantic_projection)
-        return loss, logs, recon.detach(), (q.indices if q is not None else None)
+        return loss, logs, recon.detach(), getattr(q, "indices", None)   # a KLOutput has no indices
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:
@@ -99,18 +114,24 @@ def fixed_images(cfg: Config, count: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def write_samples(path: Path, tokenizer: VQTokenizer, images: torch.Tensor, cfg: Config, epoch: int,
+def write_samples(path: Path, tokenizer: Tokenizer, images: torch.Tensor, cfg: Config, epoch: int,
                   precision: str) -> None:
-    """Rows: inputs / reconstructions / perturbed reconstructions (every token under the epoch's A2 operator)."""
+    """Rows: inputs / reconstructions / perturbed reconstructions (every token under the epoch's A2 operator; a
+    continuous tokenizer: the posterior mean, then the mean under the epoch's Gaussian perturbation)."""
     was_training = tokenizer.training
     tokenizer.eval()
     pp = perturb_params(cfg.perturb, epoch)
     device = next(tokenizer.parameters()).device
     x = images.to(device)
     with autocast(device, precision):
-        recon, _ = tokenizer(x)
-        perturbed, _ = tokenizer(x, perturb_rate=pp.rate, perturb_topk=pp.topk, perturb_samples=None,
-                                 seed=cfg.train.seed)
+        if tokenizer.is_continuous:
+            recon, _ = tokenizer(x, sample_posterior=False)
+            perturbed, _ = tokenizer(x, perturb_noise=pp.noise, perturb_samples=None, seed=cfg.train.seed,
+                                     sample_posterior=False)
+        else:
+            recon, _ = tokenizer(x)
+            perturbed, _ = tokenizer(x, perturb_rate=pp.rate, perturb_topk=pp.topk, perturb_samples=None,
+                                     seed=cfg.train.seed)
     save_image_grid(path, [x, recon, perturbed])
     tokenizer.train(was_training)
 
@@ -185,9 +206,11 @@ def run(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         if loss_fn.semantic is None and cfg.loss.semantic > 0:
             jsonl.event(0, "semantic loss off: no DINOv2 weights configured (loss.dinov2_weights)")
 
+    continuous = tokenizer.is_continuous
     timer = StepTimer(device, sync=tc.time_split)
-    timer.watch_module(tokenizer.quantize, "quantizer", inside="forward")
-    usage = CodebookUsage(tokenizer.codebook_size, tc.usage_window)
+    if not continuous:
+        timer.watch_module(tokenizer.quantize, "quantizer", inside="forward")
+    usage = None if continuous else CodebookUsage(tokenizer.codebook_size, tc.usage_window)
     samples = fixed_images(cfg, tc.sample_images) if info.is_main else None
     bar = progress_bar(stop_step, step, info.is_main, desc="main")
     sums: dict[str, torch.Tensor] = {}
@@ -216,14 +239,14 @@ def run(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                 # Every random draw of this step (DiffAugment, dropout) is keyed by (seed, step, rank).
                 torch.manual_seed(step_seed(tc.seed, step, info.rank, stream="torch"))
                 pp = perturb_params(cfg.perturb, epoch)
-                n_perturbed = perturbed_count(images.shape[0], pp.beta) if pp.rate > 0 and pp.topk > 1 else 0
+                n_perturbed = perturbed_samples(pp, images.shape[0], continuous)
                 lr = cosine_lr(step, total_steps, warmup_steps, tc.lr, tc.min_lr)
                 disc_lr = cosine_lr(step, total_steps, warmup_steps, tc.disc_lr, disc_min_lr)
                 gan_on = loss_fn.gan_active(step)
 
                 with timer.phase("forward"), autocast(device, precision):
                     loss, logs, recon, indices = ae(images, step, pp.rate, pp.topk, n_perturbed,
-                                                    step_seed(tc.seed, step, info.rank))
+                                                    step_seed(tc.seed, step, info.rank), perturb_noise=pp.noise)
                 if guard.ok(loss):
                     with timer.phase("backward"):
                         ae.backward(loss)
@@ -241,7 +264,8 @@ def run(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                                 de.backward(d_loss)
                                 set_lr(de_opt, disc_lr)
                                 de.step()
-                    usage.add(indices)
+                    if usage is not None:
+                        usage.add(indices)
                     for k, v in logs.items():
                         sums[k] = sums.get(k, 0.0) + v.detach().float()
                     sums_n += 1
@@ -252,10 +276,12 @@ def run(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
                 if step % tc.log_interval == 0 or step == stop_step:
                     row = {"step": step, "epoch": epoch, "lr": lr, "disc_lr": disc_lr if gan_on else 0.0,
-                           "perturb_rate": pp.rate, "perturb_topk": pp.topk, "perturbed_per_rank": n_perturbed,
-                           "nan_skipped": guard.skipped}
+                           **({"perturb_noise": pp.noise} if continuous else
+                              {"perturb_rate": pp.rate, "perturb_topk": pp.topk}),
+                           "perturbed_per_rank": n_perturbed, "nan_skipped": guard.skipped}
                     row.update({k: float(v) / max(1, sums_n) for k, v in sums.items()})
-                    row.update(usage.summary(device))
+                    if usage is not None:
+                        row.update(usage.summary(device))
                     row.update(timer.summary())
                     elapsed = time.perf_counter() - interval_t0
                     row["img_per_s"] = interval_images / elapsed if elapsed > 0 else 0.0
@@ -284,6 +310,13 @@ def run(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         # The EMA weights replace everything, so no DINOv2 init is read (load_tokenizer rebuilds it the same way).
         exported = build_tokenizer(dataclasses.replace(cfg.tokenizer, dinov2_weights=None))
         ema.copy_to(exported)
+        if continuous and exported.config.scaling_factor is None:
+            exported.to(device)
+            scale = estimate_scaling_factor(exported, fixed_images(cfg, SCALE_IMAGES))
+            exported.config = dataclasses.replace(exported.config, scaling_factor=scale)
+            log.info("tokenizer.scaling_factor measured: %.6g (1 / std of the latents)", scale)
+            jsonl.write({"step": step, "event": "scaling_factor measured", "scaling_factor": scale})
+            exported.cpu()
         content_hash = state_hash(exported.state_dict())
         save_tokenizer(exported, str(export), extra={
             "weights": "ema", "content_hash": content_hash, "step": step,
@@ -293,6 +326,11 @@ def run(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                       max(0, step - 1) // steps_per_epoch, precision)
         jsonl.write({"step": step, "event": "exported", "path": str(export), "content_hash": content_hash,
                      "nan_skipped": guard.skipped})
+    unreadable = unreadable_images_all_ranks()
+    if unreadable and info.is_main:
+        jsonl.event(step, f"{len(unreadable)} unreadable images were skipped (data.on_bad_image=skip)",
+                    unreadable=unreadable)
     jsonl.close()
     barrier()
-    return {"step": step, "tokenizer": str(export), "content_hash": content_hash, "nan_skipped": guard.skipped}
+    return {"step": step, "tokenizer": str(export), "content_hash": content_hash, "nan_skipped": guard.skipped,
+            "unreadable_images": len(unreadable)}

@@ -13,6 +13,10 @@ post.input: "tokens" (default) looks the cached ids up in the codebook and decod
 "reencode" reproduces the official pipeline: decode the grid with the frozen main-stage tokenizer, round to 8 bits
 (its PNG files), re-encode with the frozen encoder, quantize, decode.
 
+Continuous tokenizer (issue 8: a KL tokenizer, a DiT generator, a latent cache built with cache.post_strength):
+the cached `latents` are decoded with tokenizer.decode; encoder and quant_conv are frozen, and there is no codebook.
+"reencode" decodes them with the frozen tokenizer, rounds to 8 bits, and re-encodes to the posterior mean.
+
 The cache is verified first (index checksums, tokenizer hash, settings against this config's cache section, each
 shard's own metadata, each row's image path): a mismatch is refused naming the shard. Checkpoints, log.jsonl and
 sample grids live in DIR/post/; the result is DIR/tokenizer_post.pt (EMA decoder; encoder and codebook copied
@@ -42,20 +46,34 @@ from tokpost_fast.stages.common import (EMA, NonFiniteGuard, autocast, barrier, 
 from tokpost_fast.stages.main import GeneratorObjective, state_hash
 from tokpost_fast.stages.post_config import INPUTS, PostStageConfig  # noqa: F401  (re-exported)
 from tokpost_fast.stages.run_log import JsonlLog, StepTimer, progress_bar, save_image_grid
-from tokpost_fast.stages.token_cache import INDEX, CacheMismatch, file_sha256, load_rows, verify_cache
+from tokpost_fast.stages.token_cache import (FORMAT, INDEX, LATENT_FORMAT, CacheMismatch, file_sha256, load_rows,
+                                             read_index, verify_cache)
 
 log = logging.getLogger("tokpost_fast.train")
 
 
+def decode_inputs(tokenizer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """A cache's decoder inputs -> images: token ids [B, h, w] through the codebook, latents [B, C, h, w] as is."""
+    if inputs.is_floating_point():
+        return tokenizer.decode(inputs.float())
+    return tokenizer.decode_codes(inputs)
+
+
 class PostObjective(GeneratorObjective):
     """Main's objective with the decoder fed from the cache instead of the encoder: no perturbation, no
-    codebook / commitment terms in "tokens" mode (nothing upstream of the ids trains)."""
+    codebook / commitment (or KL) terms in "tokens" mode (nothing upstream of the cached inputs trains)."""
 
     def reconstruct(self, images: torch.Tensor, token_grid: torch.Tensor,
                     source_images: Optional[torch.Tensor] = None):
+        if source_images is None and token_grid.is_floating_point():   # continuous: [B, C, h, w] latents
+            z = token_grid.float()
+            return self.tokenizer.decode(z), None, z
         if source_images is None:                                   # "tokens": [B, h, w] ids -> codes
             z_q = self.tokenizer.quantize.lookup(token_grid)
             return self.tokenizer.decode(z_q), None, z_q
+        if getattr(self.tokenizer, "is_continuous", False):         # "reencode", continuous: the posterior mean
+            z = self.tokenizer.encode_latent(source_images)
+            return self.tokenizer.decode(z), None, z
         q = self.tokenizer.quantize(self.tokenizer.encode_latent(source_images))   # "reencode"
         return self.tokenizer.decode(q.z_q), q, None
 
@@ -77,7 +95,7 @@ def to_8bit(images: torch.Tensor) -> torch.Tensor:
 
 
 class PairedRows(torch.utils.data.Dataset):
-    """Cache row r -> (real image [3, S, S], cached grid [h, w] int64, row r)."""
+    """Cache row r -> (real image [3, S, S], cached grid [h, w] int64 or latents [C, h, w] fp16, row r)."""
 
     def __init__(self, dataset, rows):
         self.dataset, self.rows = dataset, rows
@@ -90,13 +108,22 @@ class PairedRows(torch.utils.data.Dataset):
         image, _, got, bad = self.dataset[index]
         if got != index:
             raise ValueError(f"real image {self.dataset.path(index)} of cache row {row} is unreadable: {bad}")
-        return image, self.rows.tokens[row], row
+        return image, self.rows.decoder_inputs[row], row
 
 
-def load_verified_cache(cfg, run_dir: Path, tokenizer_sha256: str, dataset):
-    """(index, rows) of DIR/cache after every check; CacheMismatch names the offending shard."""
+def load_verified_cache(cfg, run_dir: Path, tokenizer_sha256: str, dataset, continuous: bool = False):
+    """(index, rows) of DIR/cache after every check; CacheMismatch names the offending shard. continuous: the
+    tokenizer is continuous, so the cache must be a latent one."""
     folder = Path(run_dir) / "cache"
-    expected = cache_settings(cfg, len(select_images(len(dataset), cfg.cache.num_images, cfg.cache.seed)))
+    num_rows = len(select_images(len(dataset), cfg.cache.num_images, cfg.cache.seed))
+    expected = cache_settings(cfg, num_rows, continuous)
+    if (folder / INDEX).is_file():
+        found = read_index(folder)["format"]
+        wanted = LATENT_FORMAT if continuous else FORMAT
+        if found != wanted:
+            raise CacheMismatch(f"{folder / INDEX}: a {found} cache, but the tokenizer is "
+                                f"{'continuous' if continuous else 'a VQ one'} and needs a {wanted} cache; rebuild "
+                                "it with --stage cache")
     index = verify_cache(folder, tokenizer_sha256, expected)
     rows = load_rows(folder, index)
     for entry in index["shards"]:
@@ -133,7 +160,9 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
                                 "--tokenizer llamagen:PATH)")
     tokenizer_sha = file_sha256(tokenizer_path)
     dataset = ImageFolderDataset(cfg.data, train=False, seed=0, epoch=0)
-    index, rows = load_verified_cache(cfg, run_dir, tokenizer_sha, dataset)
+    original = load_tokenizer(str(tokenizer_path)).to(device).eval().requires_grad_(False)
+    continuous = bool(getattr(original, "is_continuous", False))
+    index, rows = load_verified_cache(cfg, run_dir, tokenizer_sha, dataset, continuous)
     index_sha = file_sha256(run_dir / "cache" / INDEX)
     count = len(rows)
     steps_per_epoch = count // pc.global_batch_size
@@ -144,7 +173,6 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
     warmup_steps = round(pc.warmup_epochs * steps_per_epoch)
     disc_min_lr = pc.min_lr / pc.lr * pc.disc_lr
 
-    original = load_tokenizer(str(tokenizer_path)).to(device).eval().requires_grad_(False)
     seed_everything(pc.seed)                          # the same fresh discriminator on every rank
     tokenizer = load_tokenizer(str(tokenizer_path)).to(device)
     trainable = freeze_for_post(tokenizer, pc.train_codebook)
@@ -190,11 +218,11 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
     @torch.no_grad()
     def sample_grid(name: str, model) -> None:
         real = torch.stack([pairs[i][0] for i in shown]).to(device)
-        grids = rows.tokens[shown].to(device)
+        grids = rows.decoder_inputs[shown].to(device)
         was_training = model.training
         model.eval()
         with autocast(device, precision):
-            rows_out = [real, original.decode_codes(grids), model.decode_codes(grids)]
+            rows_out = [real, decode_inputs(original, grids), decode_inputs(model, grids)]
         model.train(was_training)
         save_image_grid(stage_dir / "samples" / name, rows_out)
 
@@ -225,7 +253,7 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
                 source = None
                 if pc.input == "reencode":
                     with torch.no_grad():
-                        source = to_8bit(original.decode_codes(token_grid).float())
+                        source = to_8bit(decode_inputs(original, token_grid).float())
                 loss, logs, recon, _ = ae(images, step, token_grid, source)
             if guard.ok(loss):
                 with timer.phase("backward"):

@@ -14,7 +14,7 @@ class PostStageConfig:
     """Decoder post-training (SPEC A5.2: lr 5e-5 both sides, cosine, global batch 1024, 100 epochs, EMA, GAN from
     step 0, encoder frozen, no perturbation)."""
 
-    input: str = "tokens"                # "tokens" | "reencode" (see the module docstring)
+    input: str = "tokens"                # "tokens" (the cached grids, or latents) | "reencode" (stages/post.py)
     train_codebook: bool = False         # SPEC A7: the official code leaves it trainable; we freeze it
     lr: float = 5e-5                     # decoder side
     disc_lr: float = 5e-5

@@ -13,9 +13,19 @@ from typing import Optional, Sequence
 
 import torch
 
+from tokpost_fast.atomic import atomic_write_text
 from tokpost_fast.stages.common import all_reduce_sum
 
 log = logging.getLogger("tokpost_fast.train")
+
+
+def _parse_row(line: str) -> Optional[dict]:
+    """A row, or None for a blank line or the half-written last line of a process killed mid-write."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 class JsonlLog:
@@ -28,8 +38,8 @@ class JsonlLog:
             return
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+                    if (row := _parse_row(line)) is not None and row.get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a")

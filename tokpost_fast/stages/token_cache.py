@@ -1,4 +1,5 @@
-"""The post-training set on disk (SPEC B5): sharded token grids, their index and the checks `post` runs.
+"""The post-training set on disk (SPEC B5): sharded token grids (or, for a continuous tokenizer, latents), their
+index and the checks `post` runs.
 
     RUN/cache/plan.json                  what this cache is being built with (written first; resume checks it)
     RUN/cache/shard-00000.safetensors    rows [s * shard_size, (s + 1) * shard_size) of the set
@@ -12,22 +13,30 @@ A shard holds, per row (tensors of safetensors, paths in its string metadata):
     sample_index [n] int64, label [n] int64, sigma [n] float32, seed [n] int64 (the sampling call's seed)
     metadata "tokpost_cache": JSON {format, shard, relative_paths (the real image of each row, relative to
               data.root), settings (the same dict as the index's "settings")}
+A latent shard (format tokpost-latent-cache/1: continuous tokenizer + DiT, issue 8) holds instead of the grids:
+    latents      [n, C, h, w] float16   the DiT's denoising of the real latent from level post_strength, divided
+                                        back by scaling_factor: what tokenizer.decode takes
+    gt_latents   [n, C, h, w] float16   the real image's own latent (tokenizer.encode_latent)
+    strength [n] float32 and seed [n] int64 (the image's own noise seed) in place of sigma and the call's seed
+and the index says "dtype": "float16" and "post_strength".
 Shards are written to a dot-temp name, fsynced and renamed, so a present shard is a complete one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from tokpost_fast.sample import file_sha256  # noqa: F401  (the checkpoint hash gen records; re-exported)
+# file_sha256 is re-exported: callers import it from here
+from tokpost_fast.atomic import atomic_write_json, atomic_write_with, file_sha256  # noqa: F401
 
 FORMAT = "tokpost-token-cache/1"
+LATENT_FORMAT = "tokpost-latent-cache/1"
+FORMATS = (FORMAT, LATENT_FORMAT)
 INDEX = "index.json"
 META_KEY = "tokpost_cache"
 PLAN = "plan.json"
@@ -43,14 +52,7 @@ def token_dtype(codebook_size: int) -> torch.dtype:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, payload, indent=1, sort_keys=True)
 
 
 class CacheMismatch(ValueError):
@@ -73,11 +75,43 @@ class CacheRows:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    @property
+    def decoder_inputs(self) -> torch.Tensor:
+        """What `post` decodes: the generated grids."""
+        return self.tokens
+
     @staticmethod
     def concat(parts: Sequence["CacheRows"]) -> "CacheRows":
         return CacheRows(*(torch.cat([getattr(p, name) for p in parts]) for name in
                            ("tokens", "gt_tokens", "keep_mask", "sample_index", "label", "sigma", "seed")),
                          relative_paths=[path for p in parts for path in p.relative_paths])
+
+
+@dataclass
+class LatentRows:
+    """Rows of a latent shard (continuous tokenizer + DiT), or of the whole latent cache."""
+
+    latents: torch.Tensor         # [n, C, h, w] float16, unscaled (decode's input)
+    gt_latents: torch.Tensor      # [n, C, h, w] float16
+    sample_index: torch.Tensor    # [n] int64
+    label: torch.Tensor           # [n] int64
+    strength: torch.Tensor        # [n] float32: the noise level the DiT denoised from
+    seed: torch.Tensor            # [n] int64: the seed of the image's own noise
+    relative_paths: list[str]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def decoder_inputs(self) -> torch.Tensor:
+        """What `post` decodes: the generated latents (fp16; cast per batch, not here: a copy of the whole cache)."""
+        return self.latents
+
+    @staticmethod
+    def concat(parts: Sequence["LatentRows"]) -> "LatentRows":
+        return LatentRows(*(torch.cat([getattr(p, name) for p in parts]) for name in
+                            ("latents", "gt_latents", "sample_index", "label", "strength", "seed")),
+                          relative_paths=[path for p in parts for path in p.relative_paths])
 
 
 def write_shard(path: Path, rows: CacheRows, shard: int, codebook_size: int, settings: dict) -> None:
@@ -99,23 +133,37 @@ def write_shard(path: Path, rows: CacheRows, shard: int, codebook_size: int, set
     # would change from process to process with more than one.
     metadata = {META_KEY: json.dumps({"format": FORMAT, "shard": shard, "relative_paths": rows.relative_paths,
                                       "settings": settings}, sort_keys=True)}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def read_shard(path: Path) -> tuple[CacheRows, dict]:
-    """(rows with int64 ids, the shard's metadata with settings decoded)."""
+def write_latent_shard(path: Path, rows: LatentRows, shard: int, settings: dict) -> None:
+    """write_shard's twin for latent rows (same atomic write, same one-key metadata)."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        "latents": rows.latents.to(torch.float16).contiguous(),
+        "gt_latents": rows.gt_latents.to(torch.float16).contiguous(),
+        "sample_index": rows.sample_index.to(torch.int64).contiguous(),
+        "label": rows.label.to(torch.int64).contiguous(),
+        "strength": rows.strength.to(torch.float32).contiguous(),
+        "seed": rows.seed.to(torch.int64).contiguous(),
+    }
+    metadata = {META_KEY: json.dumps({"format": LATENT_FORMAT, "shard": shard,
+                                      "relative_paths": rows.relative_paths, "settings": settings}, sort_keys=True)}
+    atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_shard(path: Path) -> tuple[CacheRows | LatentRows, dict]:
+    """(rows with int64 ids, or latent rows, the shard's metadata with settings decoded)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
         tensors = {key: f.get_tensor(key) for key in f.keys()}
+    if meta.get("format") == LATENT_FORMAT:
+        return LatentRows(**tensors, relative_paths=meta["relative_paths"]), meta
     if meta.get("format") != FORMAT:
-        raise CacheMismatch(f"shard {path}: not a {FORMAT} shard (format {meta.get('format')!r})")
+        raise CacheMismatch(f"shard {path}: not a {FORMAT} or {LATENT_FORMAT} shard (format {meta.get('format')!r})")
     ids = lambda t: t.to(torch.int32).to(torch.int64)          # uint16 has few kernels: widen through int32
     rows = CacheRows(tokens=ids(tensors["tokens"]), gt_tokens=ids(tensors["gt_tokens"]),
                      keep_mask=tensors["keep_mask"], sample_index=tensors["sample_index"], label=tensors["label"],
@@ -137,8 +185,8 @@ def read_index(folder: Path) -> dict:
                                 "index is written once every shard exists)")
     with open(path) as f:
         index = json.load(f)
-    if index.get("format") != FORMAT:
-        raise CacheMismatch(f"{path}: not a {FORMAT} index (format {index.get('format')!r})")
+    if index.get("format") not in FORMATS:
+        raise CacheMismatch(f"{path}: not a cache index of {FORMATS} (format {index.get('format')!r})")
     return index
 
 
@@ -170,7 +218,7 @@ def verify_cache(folder: Path, tokenizer_sha256: str, expected_settings: Optiona
     return index
 
 
-def load_rows(folder: Path, index: dict) -> CacheRows:
+def load_rows(folder: Path, index: dict) -> CacheRows | LatentRows:
     """Every shard of a verified index, in row order; a shard whose metadata disagrees with the index (settings,
     rows, position) is a CacheMismatch naming it."""
     parts = []
@@ -180,8 +228,10 @@ def load_rows(folder: Path, index: dict) -> CacheRows:
         diff = settings_diff(meta["settings"], index["settings"])
         if diff:
             raise CacheMismatch(f"shard {path}: its settings differ from {INDEX}: {'; '.join(diff)}")
+        if meta.get("format") != index["format"]:
+            raise CacheMismatch(f"shard {path}: format {meta.get('format')!r}, but {INDEX} is {index['format']!r}")
         if len(rows) != entry["rows"] or meta.get("shard") != number:
             raise CacheMismatch(f"shard {path}: holds shard {meta.get('shard')} with {len(rows)} rows; "
                                 f"{INDEX} expects shard {number} with {entry['rows']} rows")
         parts.append(rows)
-    return CacheRows.concat(parts)
+    return (LatentRows if index["format"] == LATENT_FORMAT else CacheRows).concat(parts)

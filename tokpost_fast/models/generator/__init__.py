@@ -1,4 +1,5 @@
-"""Class-conditional AR generator (SPEC A4): config and presets, the transformer, attention backends, sampling."""
+"""Class-conditional generators: the AR transformer over token grids (SPEC A4) and the DiT rectified flow over
+continuous latents (issue 8); configs and presets, attention backends, sampling."""
 
 from tokpost_fast.models.generator.attention import (
     KVCache,
@@ -6,8 +7,12 @@ from tokpost_fast.models.generator.attention import (
     available_attention_backends,
     causal_attention,
     flash_attn_available,
+    full_attention,
 )
-from tokpost_fast.models.generator.config import GENERATOR_PRESETS, GeneratorConfig, generator_config
+from tokpost_fast.models.generator.config import (DIT_PRESETS, GENERATOR_PRESETS, DiTConfig, GeneratorConfig,
+                                                  config_from_dict, generator_config)
+from tokpost_fast.models.generator.diffusion import denoise_from, flow_loss, flow_pair, sample_dit
+from tokpost_fast.models.generator.dit import DiT
 from tokpost_fast.models.generator.gpt import (
     GPT,
     build_generator,
@@ -27,6 +32,9 @@ from tokpost_fast.models.generator.sampling import (
 )
 
 __all__ = [
+    "DIT_PRESETS",
+    "DiT",
+    "DiTConfig",
     "GENERATOR_PRESETS",
     "GPT",
     "GeneratorConfig",
@@ -36,15 +44,21 @@ __all__ = [
     "build_generator",
     "causal_attention",
     "cfg_schedule",
+    "config_from_dict",
+    "denoise_from",
     "draw_keep_mask",
     "filter_logits",
     "flash_attn_available",
+    "flow_loss",
+    "flow_pair",
+    "full_attention",
     "generator_config",
     "load_generator",
     "load_state_strict",
     "next_token_loss",
     "read_generator_checkpoint",
     "sample",
+    "sample_dit",
     "sample_from_logits",
     "save_generator",
     "teacher_forced_sample",

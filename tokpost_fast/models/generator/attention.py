@@ -1,4 +1,4 @@
-"""Causal self-attention backends and the static KV cache of the generator.
+"""Self-attention backends (causal for the AR generator, bidirectional for DiT) and the static KV cache.
 
 Layout everywhere is flash-attn's, q/k/v: [B, S, H, Dh]; SDPA and the reference get transposed views.
 Backends:
@@ -75,13 +75,15 @@ def causal_mask(q_len: int, k_len: int, q_offset: int, device) -> torch.Tensor:
     return torch.arange(k_len, device=device)[None, :] <= query_pos[:, None]
 
 
-def attention_reference(q, k, v, q_offset: int = 0, dropout_p: float = 0.0):
-    """Plain causal attention in fp32. q: [B, S, H, Dh], k/v: [B, T, H, Dh] -> [B, S, H, Dh] in q's dtype.
-    Query i sits at absolute position q_offset + i and sees keys 0 .. q_offset + i."""
+def attention_reference(q, k, v, q_offset: int = 0, dropout_p: float = 0.0, causal: bool = True):
+    """Plain attention in fp32. q: [B, S, H, Dh], k/v: [B, T, H, Dh] -> [B, S, H, Dh] in q's dtype.
+    Causal: query i sits at absolute position q_offset + i and sees keys 0 .. q_offset + i; else every key."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = torch.einsum("bshd,bthd->bhst", q.float(), k.float()) * scale
-    mask = causal_mask(q.shape[1], k.shape[1], q_offset, q.device)
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    if causal:
+        mask = causal_mask(q.shape[1], k.shape[1], q_offset, q.device)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     return torch.einsum("bhst,bthd->bshd", probs, v.float()).to(q.dtype)
@@ -113,6 +115,20 @@ def causal_attention(q, k, v, backend: str = "auto", dropout_p: float = 0.0):
     if backend == "sdpa":
         return _sdpa(q, k, v, 0, dropout_p)
     return attention_reference(q, k, v, 0, dropout_p)
+
+
+def full_attention(q, k, v, backend: str = "auto", dropout_p: float = 0.0):
+    """Bidirectional self-attention (DiT: every latent patch sees every other). q/k/v: [B, S, H, Dh]."""
+    backend = resolve_backend(backend, q)
+    if backend == "flash":
+        return _flash_attn().flash_attn_func(q, k, v, dropout_p=dropout_p, causal=False)
+    if backend == "sdpa":
+        args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        if q.is_cuda:
+            with sdpa_kernel(_GPU_SDPA_BACKENDS, set_priority=True):
+                return F.scaled_dot_product_attention(*args, dropout_p=dropout_p).transpose(1, 2)
+        return F.scaled_dot_product_attention(*args, dropout_p=dropout_p).transpose(1, 2)
+    return attention_reference(q, k, v, 0, dropout_p, causal=False)
 
 
 class KVCache:

@@ -1,14 +1,20 @@
-"""Generator configuration and the size presets (SPEC A4).
+"""Generator configurations and the size presets (SPEC A4).
 
-The paper's generator is RAR: a class-conditional decoder-only transformer with adaLN conditioning and qk-norm,
-raster order at sampling. RAR-B is 768 x 24 x 16 (~261M parameters), RAR-L 1024 x 24 x 16 (~461M); both use a
-GELU MLP of ratio 4, so a block holds 4 d^2 (attention) + 8 d^2 (MLP) + 6 d^2 (adaLN) weights.
+Two kinds, told apart by the class attribute `kind` (saved as config["kind"]; files without one are "ar"):
+- "ar", GeneratorConfig: the paper's RAR, a class-conditional decoder-only transformer over the token grid with
+  adaLN conditioning and qk-norm, raster order at sampling. RAR-B is 768 x 24 x 16 (~261M parameters), RAR-L
+  1024 x 24 x 16 (~461M); both use a GELU MLP of ratio 4, so a block holds 4 d^2 (attention) + 8 d^2 (MLP) +
+  6 d^2 (adaLN) weights.
+- "dit", DiTConfig: a class-conditional DiT (Peebles & Xie) over a continuous tokenizer's latent grid, trained
+  as a rectified flow (models/generator/diffusion.py). DiT-B/2 is 768 x 12 x 12 (~130M), DiT-XL/2 1152 x 28 x 16
+  (~675M).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar, Union
 
 CONDITIONINGS = ("token", "adaln")
 POSITIONS = ("rope2d", "learned")
@@ -16,8 +22,22 @@ MLPS = ("swiglu", "gelu")
 ATTN_BACKENDS = ("auto", "flash", "sdpa", "math")
 
 
+def _strict_from_dict(cls, values: dict):
+    """cls(**values) for a generator config: "kind" must be cls.kind (or absent), any other unknown key is an
+    error naming it (checkpoints and YAML both come through here)."""
+    values = dict(values)
+    kind = values.pop("kind", cls.kind)
+    if kind != cls.kind:
+        raise ValueError(f"{cls.__name__} is the {cls.kind!r} generator config; got kind {kind!r}")
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {unknown}")
+    return cls(**values)
+
+
 @dataclass
 class GeneratorConfig:
+    kind: ClassVar[str] = "ar"
     vocab_size: int = 4096          # the tokenizer's codebook size K
     seq_len: int = 256              # tokens per image = grid_size ** 2 (raster order)
     num_classes: int = 1000         # class labels; id num_classes is the "no class" label used for CFG
@@ -66,11 +86,82 @@ class GeneratorConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "GeneratorConfig":
         """Strict: an unknown key is an error naming it (checkpoints and YAML both come through here)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown GeneratorConfig keys: {unknown}")
-        return cls(**values)
+        return _strict_from_dict(cls, values)
+
+
+TIME_SAMPLINGS = ("uniform", "logit_normal")
+
+
+@dataclass
+class DiTConfig:
+    """facebookresearch/DiT's hyper-parameters under our names (DiT's: input_size = grid_size, in_channels =
+    latent_channels, hidden_size = width, num_heads = heads, class_dropout_prob = class_dropout)."""
+
+    kind: ClassVar[str] = "dit"
+    latent_channels: int = 4        # the continuous tokenizer's latent channels C
+    grid_size: int = 32             # latent h == w (SD-VAE f8 at 256 px: 32)
+    patch_size: int = 2
+    width: int = 1152
+    depth: int = 28
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000         # class labels; id num_classes is the "no class" label used for CFG
+    class_dropout: float = 0.1      # label dropout for classifier-free guidance
+    learn_sigma: bool = False       # True only keeps the layout of DiT's released files (2C output channels, of
+                                    # which the flow uses the first C): those predict a DDPM variance too
+    time_sampling: str = "uniform"  # training t ~ U(0, 1), or logit-normal (SD3's, mean 0, std 1)
+    attn_backend: str = "auto"      # see models/generator/attention.py (non-causal here)
+
+    def __post_init__(self) -> None:
+        def check(name: str, ok: bool, why: str) -> None:
+            if not ok:
+                raise ValueError(f"DiTConfig.{name}={getattr(self, name)!r}: {why}")
+
+        check("latent_channels", self.latent_channels >= 1, "must be >= 1")
+        check("grid_size", self.grid_size >= 1, "must be >= 1")
+        check("patch_size", self.patch_size >= 1 and self.grid_size % self.patch_size == 0,
+              f"must be >= 1 and divide grid_size={self.grid_size}")
+        check("width", self.width >= 4 and self.width % 4 == 0,
+              "must be a multiple of 4 (the 2-D sin-cos position table splits it in four)")
+        check("depth", self.depth >= 1, "must be >= 1")
+        check("heads", self.heads >= 1 and self.width % self.heads == 0, "width must be a multiple of heads")
+        check("mlp_ratio", self.mlp_ratio > 0, "must be > 0")
+        check("num_classes", self.num_classes >= 1, "must be >= 1")
+        check("class_dropout", 0.0 <= self.class_dropout < 1.0, "must be in [0, 1)")
+        check("time_sampling", self.time_sampling in TIME_SAMPLINGS, f"must be one of {TIME_SAMPLINGS}")
+        check("attn_backend", self.attn_backend in ATTN_BACKENDS, f"must be one of {ATTN_BACKENDS}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.grid_size // self.patch_size) ** 2
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.latent_channels if self.learn_sigma else self.latent_channels
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DiTConfig":
+        return _strict_from_dict(cls, values)
+
+
+AnyGeneratorConfig = Union[GeneratorConfig, DiTConfig]
+CONFIG_CLASSES = {"ar": GeneratorConfig, "dit": DiTConfig}
+
+
+def config_from_dict(values: dict) -> AnyGeneratorConfig:
+    """A saved config dict -> its config; files written before generators had kinds are "ar"."""
+    kind = values.get("kind", "ar")
+    if kind not in CONFIG_CLASSES:
+        raise ValueError(f"unknown generator kind {kind!r}; known: {sorted(CONFIG_CLASSES)}")
+    return CONFIG_CLASSES[kind].from_dict(values)
+
+
+def config_to_dict(cfg: AnyGeneratorConfig) -> dict:
+    return {"kind": cfg.kind, **dataclasses.asdict(cfg)}
 
 
 # Architecture presets; vocab_size / seq_len / num_classes default to the paper's (K=4096, 16x16, ImageNet) and
@@ -83,8 +174,23 @@ GENERATOR_PRESETS: dict[str, GeneratorConfig] = {
 }
 
 
-def generator_config(preset: str, **overrides) -> GeneratorConfig:
-    """A preset with fields replaced, e.g. generator_config("B", vocab_size=tok.codebook_size, seq_len=256)."""
-    if preset not in GENERATOR_PRESETS:
-        raise ValueError(f"unknown generator preset {preset!r}; choose from {sorted(GENERATOR_PRESETS)}")
-    return dataclasses.replace(GENERATOR_PRESETS[preset], **overrides)
+# DiT presets; latent_channels / grid_size come from the continuous tokenizer, num_classes from the data set.
+DIT_PRESETS: dict[str, DiTConfig] = {
+    # tiny, for CPU tests and demos (2 cores, minutes): ~1.2M parameters; sized for the demo_kl tokenizer's
+    # 16x16 x 4 latents at 64 px, patch 2 -> 64 tokens (the demo AR generator's sequence length)
+    "demo_dit": DiTConfig(latent_channels=4, grid_size=16, patch_size=2, width=128, depth=4, heads=4,
+                          num_classes=10),
+    "dit_b": DiTConfig(width=768, depth=12, heads=12, patch_size=2),      # DiT-B/2, ~130M
+    "dit_xl": DiTConfig(width=1152, depth=28, heads=16, patch_size=2),    # DiT-XL/2, ~675M
+}
+PRESETS_BY_KIND: dict[str, dict] = {"ar": GENERATOR_PRESETS, "dit": DIT_PRESETS}
+
+
+def generator_config(preset: str, **overrides) -> AnyGeneratorConfig:
+    """A preset (of either kind) with fields replaced, e.g. generator_config("B", vocab_size=K, seq_len=256) or
+    generator_config("dit_b", latent_channels=4, grid_size=32)."""
+    for presets in PRESETS_BY_KIND.values():
+        if preset in presets:
+            return dataclasses.replace(presets[preset], **overrides)
+    known = sorted(name for presets in PRESETS_BY_KIND.values() for name in presets)
+    raise ValueError(f"unknown generator preset {preset!r}; choose from {known}")

@@ -8,16 +8,15 @@ distribution of token t_p (raster order over the grid_size x grid_size token gri
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import tempfile
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokpost_fast.atomic import atomic_torch_save
 from tokpost_fast.models.generator.attention import KVCache, causal_attention
-from tokpost_fast.models.generator.config import GeneratorConfig
+from tokpost_fast.models.generator.config import GeneratorConfig, config_from_dict, config_to_dict
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,6 +124,8 @@ class Block(nn.Module):
 # The model
 # ---------------------------------------------------------------------------------------------------------------
 class GPT(nn.Module):
+    kind = "ar"
+
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
         self.config = cfg
@@ -252,34 +253,26 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 # Construction and checkpoints
 # ---------------------------------------------------------------------------------------------------------------
-def build_generator(cfg: GeneratorConfig) -> GPT:
+def build_generator(cfg):
+    """GPT for a GeneratorConfig (kind "ar"), DiT for a DiTConfig (kind "dit")."""
+    if cfg.kind == "dit":
+        from tokpost_fast.models.generator.dit import DiT
+
+        return DiT.from_config(cfg)
     return GPT.from_config(cfg)
 
 
-def save_generator(model: GPT, path: str | os.PathLike, extra: dict | None = None) -> None:
-    """Atomic: {"config": asdict(cfg), "model": state_dict, **extra} to a temp file in the same folder, fsync,
-    rename; a crash leaves the old file or the new one, never half of one."""
+def save_generator(model, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """Atomic: {"config": {"kind": ..., **asdict(cfg)}, "model": state_dict, **extra} to a temp file in the same
+    folder, fsync, rename; a crash leaves the old file or the new one, never half of one. GPT or DiT."""
     model = getattr(model, "module", model)   # a DeepSpeed engine or DDP wrapper
     extra = dict(extra or {})
     clash = sorted({"config", "model"} & set(extra))
     if clash:
         raise ValueError(f"extra may not override {clash}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload = {"config": dataclasses.asdict(model.config), "model": state, **extra}
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".generator-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    payload = {"config": config_to_dict(model.config), "model": state, **extra}
+    atomic_torch_save(payload, path)
 
 
 def read_generator_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -292,23 +285,17 @@ def read_generator_checkpoint(path: str | os.PathLike, map_location="cpu") -> di
 
 
 def load_state_strict(model: nn.Module, state: dict, source: str = "checkpoint") -> None:
-    """load_state_dict(strict=True) with an error that lists every missing, unexpected and mis-shaped key."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
-    if missing or unexpected or shapes:
-        raise ValueError(f"{source} does not match the generator: missing keys {missing}, "
-                         f"unexpected keys {unexpected}, shape mismatches {shapes}")
-    model.load_state_dict(state, strict=True)
+    """load_state_dict(strict=True) with one error naming the missing, unexpected and mis-shaped keys."""
+    from tokpost_fast.models.tokenizer.state import load_state_dict_strict
+
+    load_state_dict_strict(model, state, what=f"{source} (generator)")
 
 
-def load_generator(path: str | os.PathLike, map_location="cpu") -> GPT:
-    """Rebuild the generator from its checkpoint; strict keys. The checkpoint's extras (e.g. "tokenizer_hash")
-    are kept as model.checkpoint_extra."""
+def load_generator(path: str | os.PathLike, map_location="cpu"):
+    """Rebuild the generator (GPT or DiT, by the saved config's kind; files without one are GPTs) from its
+    checkpoint; strict keys. The checkpoint's extras (e.g. "tokenizer_hash") are kept as model.checkpoint_extra."""
     payload = read_generator_checkpoint(path, "cpu")
-    model = build_generator(GeneratorConfig.from_dict(payload["config"]))
+    model = build_generator(config_from_dict(payload["config"]))
     load_state_strict(model, payload["model"], source=os.fspath(path))
     model.checkpoint_extra = {k: v for k, v in payload.items() if k not in ("config", "model")}
     return model.to(map_location)

@@ -1,7 +1,9 @@
 """Tokenizer files: our own format (save_tokenizer / load_tokenizer) and LlamaGen's released checkpoints.
 
-Our format: torch.save of {"config": asdict(TokenizerConfig), "model": state_dict, **extra}, written atomically.
+Our format: torch.save of {"config": asdict(TokenizerConfig), "model": state_dict, **extra}, written atomically;
+one format for every arch (VQ and continuous), load_tokenizer rebuilds the class config["arch"] names.
 LlamaGen's (vq_ds16_c2i.pt): {"model": state_dict, ...}; sizes are read from the tensors.
+Stable Diffusion VAE files (diffusers layout): models/tokenizer/kl_checkpoint.py.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from typing import Optional
 import torch
 
 from tokpost_fast.models.tokenizer.config import TokenizerConfig
-from tokpost_fast.models.tokenizer.model import VQTokenizer, build_tokenizer
+from tokpost_fast.models.tokenizer.model import Tokenizer, VQTokenizer, build_tokenizer
 from tokpost_fast.models.tokenizer.state import (atomic_torch_save, load_state_dict_strict, read_checkpoint,
                                                  read_state_dict)
 
 
-def save_tokenizer(model: VQTokenizer, path: str, extra: Optional[dict] = None) -> None:
+def save_tokenizer(model: Tokenizer, path: str, extra: Optional[dict] = None) -> None:
     """Atomic (temp file + os.replace). `extra` keys (optimizer state, step, ema, ...) sit beside config/model."""
     extra = dict(extra or {})
     clash = sorted({"config", "model"} & set(extra))
@@ -28,7 +30,7 @@ def save_tokenizer(model: VQTokenizer, path: str, extra: Optional[dict] = None) 
     atomic_torch_save({"config": dataclasses.asdict(model.config), "model": state, **extra}, path)
 
 
-def load_tokenizer(path: str, map_location: str | torch.device = "cpu", state_key: str = "model") -> VQTokenizer:
+def load_tokenizer(path: str, map_location: str | torch.device = "cpu", state_key: str = "model") -> Tokenizer:
     """Rebuild a saved tokenizer; strict: mismatched keys or shapes are a ValueError naming them.
     state_key="ema" loads an EMA copy stored by the trainer under extra["ema"]."""
     ckpt = read_checkpoint(path)

@@ -1,10 +1,14 @@
 """Tokenizer configuration and the size presets (SPEC A1).
 
-Two architectures share one config:
+Three architectures share one config:
 - "vq_cnn": LlamaGen's VQ-16 CNN (tokenizer/tokenizer_image/vq_model.py): conv encoder with ch * ch_mult channels,
   one 2x downsample per level but the last, so grid_size = image_size / 2**(len(ch_mult) - 1).
 - "vit": the paper's RobusTok ViT (DINOv2-style blocks): image patches + num_latent_tokens learnable latent tokens,
   grid_size = sqrt(num_latent_tokens).
+- "kl_cnn": a continuous KL autoencoder, diffusers' AutoencoderKL (the SD-VAE) with its field names
+  (block_out_channels, layers_per_block, latent_channels, norm_num_groups, scaling_factor); one 2x downsample per
+  block but the last, so grid_size = image_size / 2**(len(block_out_channels) - 1). No codebook: the codebook_*
+  fields are ignored.
 Defaults are the tiny CPU demo ("demo" preset: the paper's ViT at 64x64, ~0.9M parameters); the paper sizes
 and LlamaGen's VQ-16 are presets.
 """
@@ -16,7 +20,8 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-ARCHS = ("vq_cnn", "vit")
+ARCHS = ("vq_cnn", "vit", "kl_cnn")
+VQ_ARCHS = ("vq_cnn", "vit")
 
 
 @dataclass
@@ -42,9 +47,17 @@ class TokenizerConfig:
     num_latent_tokens: int = 64
     drop_path: float = 0.0              # stochastic depth; the paper's code trains with 0.1
     dinov2_weights: Optional[str] = None  # local DINOv2 state dict (timm or official layout) for both ViTs
+    # kl_cnn (diffusers AutoencoderKL names; the defaults are the SD-VAE's)
+    block_out_channels: List[int] = field(default_factory=lambda: [128, 256, 512, 512])
+    layers_per_block: int = 2           # resnets per encoder block (the decoder has one more, as diffusers)
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    scaling_factor: Optional[float] = 0.18215  # generators see z * scaling_factor; None: main training measures
+                                               # it at export (1 / std of the training latents), as SD did
 
     def __post_init__(self) -> None:
         self.ch_mult = list(self.ch_mult)
+        self.block_out_channels = list(self.block_out_channels)
 
         def check(name: str, ok: bool, why: str) -> None:
             if not ok:
@@ -65,6 +78,19 @@ class TokenizerConfig:
             check("z_channels", self.z_channels >= 1, "must be >= 1")
             down = 2 ** (len(self.ch_mult) - 1)
             check("image_size", self.image_size % down == 0, f"must be a multiple of 2**(len(ch_mult)-1) = {down}")
+        elif self.arch == "kl_cnn":
+            g = self.norm_num_groups
+            check("norm_num_groups", g >= 1, "must be >= 1")
+            check("block_out_channels", len(self.block_out_channels) >= 1
+                  and all(c >= 1 and c % g == 0 for c in self.block_out_channels),
+                  f"needs >= 1 entry, each a positive multiple of norm_num_groups={g} (GroupNorm)")
+            check("layers_per_block", self.layers_per_block >= 1, "must be >= 1")
+            check("latent_channels", self.latent_channels >= 1, "must be >= 1")
+            check("scaling_factor", self.scaling_factor is None or self.scaling_factor > 0,
+                  "must be > 0, or None (measured at the end of main training)")
+            down = 2 ** (len(self.block_out_channels) - 1)
+            check("image_size", self.image_size % down == 0,
+                  f"must be a multiple of 2**(len(block_out_channels)-1) = {down}")
         else:
             check("heads", self.heads >= 1 and self.width % self.heads == 0, "width must be a multiple of heads")
             check("depth", self.depth >= 1, "must be >= 1")
@@ -78,6 +104,8 @@ class TokenizerConfig:
     def grid_size(self) -> int:
         if self.arch == "vq_cnn":
             return self.image_size // 2 ** (len(self.ch_mult) - 1)
+        if self.arch == "kl_cnn":
+            return self.image_size // 2 ** (len(self.block_out_channels) - 1)
         return math.isqrt(self.num_latent_tokens)
 
     @classmethod
@@ -103,6 +131,14 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
     # RobusTok (configs/main-train.yaml): ViT-B/16 from DINOv2, 256 latent tokens -> 16x16, K=4096, dim 64
     "robustok": TokenizerConfig(arch="vit", image_size=256, codebook_size=4096, codebook_embed_dim=64, width=768,
                                 depth=12, heads=12, patch_size=16, num_latent_tokens=256, drop_path=0.1),
+    # tiny continuous KL autoencoder for the CPU demo: 64x64 -> 16x16 x 4 latents (f4c4, what a tiny DiT with
+    # patch 1 models as 256 tokens), blocks (32, 64, 64), one resnet per encoder block (~0.9M parameters);
+    # scaling_factor measured at the end of main training
+    "demo_kl": TokenizerConfig(arch="kl_cnn", block_out_channels=[32, 64, 64], layers_per_block=1,
+                               latent_channels=4, norm_num_groups=32, scaling_factor=None),
+    # Stable Diffusion's VAE (diffusers AutoencoderKL, sd-vae-ft-mse / ema): 256 -> 32x32 x 4 (f8c4), ~84M
+    "sdvae": TokenizerConfig(arch="kl_cnn", image_size=256, block_out_channels=[128, 256, 512, 512],
+                             layers_per_block=2, latent_channels=4, norm_num_groups=32, scaling_factor=0.18215),
 }
 
 
@@ -111,4 +147,5 @@ def tokenizer_config(preset: str, **overrides) -> TokenizerConfig:
     if preset not in TOKENIZER_PRESETS:
         raise ValueError(f"unknown tokenizer preset {preset!r}; choose from {sorted(TOKENIZER_PRESETS)}")
     base = TOKENIZER_PRESETS[preset]
-    return dataclasses.replace(base, ch_mult=list(base.ch_mult), **overrides)
+    lists = {"ch_mult": list(base.ch_mult), "block_out_channels": list(base.block_out_channels)}
+    return dataclasses.replace(base, **{**lists, **overrides})

@@ -8,13 +8,15 @@ post_quant_conv are the paper's 1x1 convs width -> C and C -> width around the q
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
 
 from tokpost_fast.models.tokenizer.cnn import Decoder, Encoder
-from tokpost_fast.models.tokenizer.config import TokenizerConfig
+from tokpost_fast.models.tokenizer.config import VQ_ARCHS, TokenizerConfig
+from tokpost_fast.models.tokenizer.kl import KLTokenizer
+from tokpost_fast.models.tokenizer.parameter_groups import AutoencoderParameterGroups
 from tokpost_fast.models.tokenizer.quantizer import VectorQuantizer
 from tokpost_fast.models.tokenizer.vit import ViTDecoder, ViTEncoder
 from tokpost_fast.ops import QuantizeOutput
@@ -22,11 +24,16 @@ from tokpost_fast.ops import QuantizeOutput
 log = logging.getLogger("tokpost_fast.tokenizer")
 
 
-class VQTokenizer(nn.Module):
+class VQTokenizer(AutoencoderParameterGroups, nn.Module):
+    is_continuous = False   # discrete codes; the continuous KLTokenizer (models/tokenizer/kl.py) says True
+
     def __init__(self, config: TokenizerConfig):
         super().__init__()
         self.config = config
         c = config
+        if c.arch not in VQ_ARCHS:
+            raise ValueError(f"VQTokenizer needs TokenizerConfig.arch in {VQ_ARCHS}, got {c.arch!r} "
+                             "(build_tokenizer picks the class)")
         if c.arch == "vq_cnn":
             self.encoder = Encoder(3, c.ch, c.ch_mult, c.num_res_blocks, c.dropout, c.z_channels)
             self.decoder = Decoder(c.z_channels, c.ch, c.ch_mult, c.num_res_blocks, c.dropout, 3)
@@ -98,25 +105,21 @@ class VQTokenizer(nn.Module):
                              f"got {tuple(features.shape)}")
         return self.quant_conv(features[:, :, None, None]).flatten(1)
 
-    # parameter groups ----------------------------------------------------------------------------------------
-    def last_layer(self) -> torch.Tensor:
-        """The decoder's last weight, for the adaptive GAN weight."""
-        return self.decoder.last_layer
-
-    def encoder_parameters(self) -> Iterator[nn.Parameter]:
-        yield from self.encoder.parameters()
-        yield from self.quant_conv.parameters()
-
-    def decoder_parameters(self) -> Iterator[nn.Parameter]:
-        yield from self.post_quant_conv.parameters()
-        yield from self.decoder.parameters()
-
+    # parameter groups (last_layer, encoder / decoder: AutoencoderParameterGroups) ----------------------------
     def codebook_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.quantize.parameters()
 
 
-def build_tokenizer(cfg: TokenizerConfig) -> VQTokenizer:
-    """A VQTokenizer; for arch "vit" with cfg.dinov2_weights, both backbones start from DINOv2 (RobusTok)."""
+Tokenizer = Union[VQTokenizer, KLTokenizer]
+
+
+def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
+    """A KLTokenizer for arch "kl_cnn", else a VQTokenizer; for arch "vit" with cfg.dinov2_weights, both
+    backbones start from DINOv2 (RobusTok)."""
+    if cfg.arch == "kl_cnn":
+        if cfg.dinov2_weights:
+            raise ValueError("TokenizerConfig.dinov2_weights applies to arch 'vit' only")
+        return KLTokenizer(cfg)
     model = VQTokenizer(cfg)
     if cfg.arch == "vit" and cfg.dinov2_weights:
         from tokpost_fast.models.tokenizer.dinov2 import dinov2_arch, load_dinov2_into, load_dinov2_state_dict

@@ -1,15 +1,15 @@
 """State-dict plumbing shared by the tokenizer, discriminator and teacher loaders: reading a file, strict loading
-with errors that name the offending keys and shapes, atomic writes."""
+with errors that name the offending keys and shapes."""
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import warnings
 from typing import Iterable, Mapping
 
 import torch
+
+from tokpost_fast.atomic import atomic_torch_save  # noqa: F401  (re-exported: save_tokenizer and callers)
 
 SHOW = 5  # how many keys of each kind an error names
 
@@ -67,20 +67,3 @@ def load_state_dict_strict(module: torch.nn.Module, state: Mapping[str, torch.Te
     if missing or unexpected or shapes:
         raise ValueError(mismatch_message(what, missing, unexpected, shapes))
     module.load_state_dict(state, strict=True)
-
-
-def atomic_torch_save(obj: object, path: str) -> None:
-    """torch.save to a temp file in the target folder, fsync, then os.replace: a crash never leaves half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
