@@ -65,6 +65,8 @@ def test_tiny_continuous_pipeline_end_to_end(tmp_path):
     assert [p["noise"] for p in saved["pfid_curves"]["before"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert saved["decoder_diagnostics"]["kind"] == "latents"
     assert saved["decoder_diagnostics"]["post_strength"] == POST_STRENGTH
+    assert saved["decoder_diagnostics"]["noise"] == PFID_NOISE                    # the MSE under the metric's noise
+    assert saved["decoder_diagnostics"]["mse_noised_grids_before"] > saved["decoder_diagnostics"]["mse_clean_grids_before"]
     assert saved["samples"]["sampling"] == {"cfg_scale": 1.5, "steps": 3}
     assert set(saved["seconds"]) == {name for name, _ in STAGES} - {"report"}
 

@@ -131,3 +131,28 @@ def test_unusable_folders(tmp_path):
         build_loader(cfg_for(tmp_path / "noimages"), train=True)
     with pytest.raises(ValueError, match="backend"):
         DataConfig(backend="opencv")
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_start_batch_yields_the_rest_of_the_epoch_without_reading_the_skipped(folder, backend, monkeypatch):
+    """A resumed epoch: start_batch=2 gives batches 2.. of the same (seed, epoch) order, and never decodes the
+    images of batches 0 and 1."""
+    if backend == "dali" and not dali_available():
+        pytest.skip("nvidia-dali not installed")
+    from tokpost_fast.data import folder as folder_module
+
+    cfg = cfg_for(folder, backend=backend, batch_size=3)
+    full = collect(build_loader(cfg, train=True, seed=5, epoch=3))           # 12 images: 4 batches
+    read = []
+    original = folder_module.ImageFolderDataset.path
+    monkeypatch.setattr(folder_module.ImageFolderDataset, "path",
+                        lambda self, i: read.append(i) or original(self, i))
+    loader = build_loader(cfg, train=True, seed=5, epoch=3, start_batch=2)
+    rest = collect(loader)
+    assert len(loader) == len(full) - 2 and len(rest) == len(full) - 2 >= 1
+    for (x, y, i), (fx, fy, fi) in zip(rest, full[2:]):
+        assert torch.equal(i, fi) and torch.equal(y, fy) and torch.equal(x, fx)
+    skipped = set(torch.cat([b[2] for b in full[:2]]).tolist())
+    assert read and not skipped & set(read)
+    with pytest.raises(ValueError, match="start_batch"):
+        build_loader(cfg, train=True, start_batch=-1)

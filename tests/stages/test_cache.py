@@ -127,3 +127,19 @@ def test_post_refuses_a_cache_of_other_settings_or_another_tokenizer(cached, tmp
     with pytest.raises(FileNotFoundError, match="--stage cache"):
         train_main(["--stage", "post", "--config", str(config), "--run-dir", str(other)])
     assert cfg.cache.sigma == CACHE["sigma"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_write_the_bytes_of_one_rank(cached, tmp_path):
+    """Shards are keyed by (seed, shard, chunk), not by rank: a 2-rank DeepSpeed run writes the same cache."""
+    from tests.stages.conftest import run_deepspeed
+
+    run, config = cached
+    two = copy_run(run, tmp_path / "two")
+    result = run_deepspeed(["--stage", "cache", "--config", config, "--run-dir", two], num_gpus=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for s in range(SHARDS):
+        assert (two / "cache" / shard_name(s)).read_bytes() == (run / "cache" / shard_name(s)).read_bytes(), s
+    one, both = (json.loads((r / "cache" / INDEX).read_text()) for r in (run, two))
+    assert both["shards"] == one["shards"] and both["settings"] == one["settings"]

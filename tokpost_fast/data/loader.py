@@ -8,11 +8,12 @@ which the returned indices show). Augmentation is keyed by (seed, epoch, index) 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from tokpost_fast.data.config import DataConfig
 from tokpost_fast.data.dali import DaliImageLoader, dali_available
@@ -46,6 +47,24 @@ class ImageLoader:
             yield images, labels, indices
 
 
+class OffsetSampler(Sampler):
+    """The sampler's order from position `offset` on. A resumed epoch starts at its first unconsumed batch without
+    reading (and decoding) the batches before it: the order is a pure function of (seed, epoch), so dropping the
+    first offset = consumed batches x batch size indices leaves exactly the batches an uninterrupted run reads."""
+
+    def __init__(self, sampler: DistributedSampler, offset: int):
+        self.sampler, self.offset = sampler, offset
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.offset, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.offset)
+
+
 def resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "dali" if dali_available() and torch.cuda.is_available() else "torch"
@@ -55,9 +74,10 @@ def resolve_backend(backend: str) -> str:
 
 
 def build_loader(cfg: DataConfig, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0,
-                 device_id: Optional[int] = None):
+                 device_id: Optional[int] = None, start_batch: int = 0):
     """One rank's loader for one epoch: ImageLoader (torch) or DaliImageLoader, both yielding
     (images, labels, indices) and exposing .dataset (classes, relative_path(i)), .skipped, .set_epoch(e).
+    start_batch: begin the epoch at that batch (a resumed epoch), without reading the batches before it.
     DALI outputs live on GPU `device_id` (default: the current CUDA device; the CPU when there is none)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"build_loader: rank {rank} is outside world_size {world_size}")
@@ -69,6 +89,10 @@ def build_loader(cfg: DataConfig, train: bool, rank: int = 0, world_size: int = 
     sampler.set_epoch(epoch)
     if train and len(sampler) < cfg.batch_size:
         raise ValueError(f"{cfg.root}: {len(sampler)} images per rank is less than one batch of {cfg.batch_size}")
+    if start_batch < 0:
+        raise ValueError(f"build_loader: start_batch must be >= 0, got {start_batch}")
+    if start_batch:
+        sampler = OffsetSampler(sampler, start_batch * cfg.batch_size)
     backend = resolve_backend(cfg.backend)
     if backend == "dali":
         if device_id is None and torch.cuda.is_available():

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import logging
 import time
 from pathlib import Path
@@ -138,9 +137,8 @@ def write_samples(path: Path, tokenizer: Tokenizer, images: torch.Tensor, cfg: C
 
 def _batches(cfg: Config, info: DistInfo, epoch: int, skip: int) -> Iterator:
     loader = build_loader(cfg.data, train=True, rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
-                          epoch=epoch)
-    # build_loader has no start offset: the consumed batches of a resumed epoch are read and dropped.
-    return itertools.islice(iter(loader), skip, None)
+                          epoch=epoch, start_batch=skip)
+    return iter(loader)
 
 
 def run(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
