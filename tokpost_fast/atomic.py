@@ -42,32 +42,14 @@ def _fsync_folder(folder: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: PathLike, mode: str = "wb") -> Iterator:
-    """`with atomic_open(path, "w") as f: ...`: `path` appears, complete, only when the block ends without error."""
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_open writes whole files; mode must be 'w' or 'wb', got {mode!r}")
-    path, folder = _prepare(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(folder)
-
-
-def atomic_write_with(path: PathLike, write: Callable[[str], None]) -> None:
-    """For writers that insist on a file name (safetensors.save_file, PIL, matplotlib): `write(tmp_name)`."""
+def _replace_on_success(path: PathLike) -> Iterator[str]:
+    """Yields a temporary name beside `path`; when the block ends without error the file under that name is
+    flushed to disk and renamed over `path`, else it is deleted."""
     path, folder = _prepare(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        write(tmp)
+        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -76,6 +58,21 @@ def atomic_write_with(path: PathLike, write: Callable[[str], None]) -> None:
             os.unlink(tmp)
         raise
     _fsync_folder(folder)
+
+
+@contextlib.contextmanager
+def atomic_open(path: PathLike, mode: str = "wb") -> Iterator:
+    """`with atomic_open(path, "w") as f: ...`: `path` appears, complete, only when the block ends without error."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files; mode must be 'w' or 'wb', got {mode!r}")
+    with _replace_on_success(path) as tmp, open(tmp, mode) as f:
+        yield f
+
+
+def atomic_write_with(path: PathLike, write: Callable[[str], None]) -> None:
+    """For writers that insist on a file name (safetensors.save_file, PIL, matplotlib): `write(tmp_name)`."""
+    with _replace_on_success(path) as tmp:
+        write(tmp)
 
 
 def atomic_torch_save(obj: object, path: PathLike) -> None:
