@@ -24,6 +24,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from tokpost_fast.atomic import atomic_write_json, atomic_write_text, file_sha256
 from tokpost_fast.stages.common import DistInfo, barrier
@@ -124,7 +125,26 @@ def checkpoint_problem(path: Path) -> Optional[str]:
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     """The newest complete, verified checkpoint folder of the run, or None when it has none. A newer one that fails
     verification is skipped with a warning naming the damaged file; if checkpoints exist but none verifies, the
-    error lists why each was refused (resuming from scratch silently would throw away days of training)."""
+    error lists why each was refused (resuming from scratch silently would throw away days of training).
+
+    Collective when torch.distributed is initialised with more than one rank: rank 0 verifies and broadcasts its
+    answer, rather than every rank hashing the same multi-GB files of the shared run folder."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return _latest_verified(run_dir)
+    answer: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            answer = [("found", _latest_verified(run_dir))]
+        except FileNotFoundError as err:
+            answer = [("error", str(err))]
+    dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise FileNotFoundError(value)
+    return value
+
+
+def _latest_verified(run_dir: Path) -> Optional[Path]:
     root = checkpoint_root(run_dir)
     done = sorted((p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
     refused = []
