@@ -17,29 +17,15 @@ import os
 import torch
 
 from tokpost_fast.atomic import atomic_write_with, file_sha256  # noqa: F401  (file_sha256 re-exported)
-from tokpost_fast.models.generator import load_generator, sample, sample_dit
+from tokpost_fast.models.generator import check_generator_fits, load_generator, sample, sample_dit
 
 AR_ONLY = {"cfg_power": 1.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}   # flags that mean nothing to a DiT
 
 
 def check_pair(gpt, tokenizer, tokenizer_path=None) -> None:
-    """The generator's tokens must be this tokenizer's codes: same vocabulary, grid and (when recorded) hash. A
-    DiT's latents must be a continuous tokenizer's: same channels and grid."""
-    continuous = bool(getattr(tokenizer, "is_continuous", False))
-    if continuous != (gpt.kind == "dit"):
-        raise ValueError(f"a {gpt.kind!r} generator cannot drive a {'continuous' if continuous else 'VQ'} tokenizer "
-                         "(AR: VQ token grids; DiT: continuous latents)")
-    if continuous:
-        if (gpt.config.latent_channels, gpt.config.grid_size) != (tokenizer.latent_channels, tokenizer.grid_size):
-            raise ValueError(f"DiT latents {gpt.config.latent_channels} x {gpt.config.grid_size}^2 != tokenizer "
-                             f"latents {tokenizer.latent_channels} x {tokenizer.grid_size}^2")
-        check_tokenizer_lineage(gpt, tokenizer_path)
-        return
-    if gpt.config.vocab_size != tokenizer.codebook_size:
-        raise ValueError(f"generator vocab_size {gpt.config.vocab_size} != tokenizer codebook_size "
-                         f"{tokenizer.codebook_size}")
-    if gpt.config.seq_len != tokenizer.grid_size ** 2:
-        raise ValueError(f"generator seq_len {gpt.config.seq_len} != tokenizer grid {tokenizer.grid_size}^2")
+    """The generator must model this tokenizer's output (kind and sizes) and, when it records one, have been
+    trained on this tokenizer or the one it was post-trained from."""
+    check_generator_fits(gpt, tokenizer)
     check_tokenizer_lineage(gpt, tokenizer_path)
 
 

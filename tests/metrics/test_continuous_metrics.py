@@ -192,7 +192,7 @@ def test_a_dit_of_another_tokenizer_is_refused(tmp_path, kl_tokenizer, photos):
         evaluate_run(tmp_path, generator=tiny_dit(grid_size=4), **kwargs)
     gpt = build_generator(GeneratorConfig(vocab_size=64, seq_len=64, num_classes=3, width=32, depth=1, heads=2,
                                           attn_backend="sdpa"))
-    with pytest.raises(ValueError, match="'ar' generator does not fit a continuous tokenizer"):
+    with pytest.raises(ValueError, match="'ar' generator, but the tokenizer is continuous"):
         evaluate_run(tmp_path, generator=gpt, **kwargs)
 
     original = file_sha256(tmp_path / "tokenizer.pt")

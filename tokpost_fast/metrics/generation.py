@@ -22,6 +22,7 @@ from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, p
 
 from tokpost_fast.metrics.extractor import ExtractorInfo
 from tokpost_fast.metrics.features import FeatureCollector, RealStats, fid_between, fid_statistics
+from tokpost_fast.models.generator.fit import check_generator_fits
 
 PRC_NEIGHBORHOOD = 3  # torch-fidelity's default k for the k-NN manifolds (Kynkaanniemi et al. 2019)
 
@@ -55,24 +56,6 @@ def generator_kind(generator) -> str:
     return getattr(generator, "kind", "ar")
 
 
-def check_generator_matches(tokenizer, generator) -> None:
-    """The generator must model this tokenizer's output: a VQ tokenizer's codes (vocabulary, grid) for an AR
-    generator, a continuous tokenizer's latents (channels, grid) for a DiT."""
-    cfg, grid = generator.config, tokenizer.grid_size
-    continuous = bool(getattr(tokenizer, "is_continuous", False))
-    kind = generator_kind(generator)
-    if continuous != (kind == "dit"):
-        raise ValueError(f"a {kind!r} generator does not fit a {'continuous' if continuous else 'VQ'} tokenizer: "
-                         "AR generators model VQ token grids, a DiT models continuous latents")
-    if kind == "dit":
-        if cfg.latent_channels != tokenizer.latent_channels or cfg.grid_size != grid:
-            raise ValueError(f"DiT ({cfg.latent_channels}-channel {cfg.grid_size}x{cfg.grid_size} latents) does not "
-                             f"match the tokenizer ({tokenizer.latent_channels}-channel {grid}x{grid} latents)")
-    elif cfg.vocab_size != tokenizer.codebook_size or cfg.seq_len != grid * grid:
-        raise ValueError(f"generator (vocab {cfg.vocab_size}, {cfg.seq_len} tokens) does not match the tokenizer "
-                         f"(K={tokenizer.codebook_size}, {grid}x{grid} grid)")
-
-
 @torch.no_grad()
 def sample_decoded(tokenizer, generator, labels: torch.Tensor, sampling, rng: torch.Generator) -> torch.Tensor:
     """labels [B] -> images [B, 3, H, W]: one sampling call of either generator kind, decoded by the tokenizer."""
@@ -100,7 +83,7 @@ def generated_features(tokenizer, generator, num: int, extractor, info: Extracto
     SamplingSettings for an AR generator, DiTSampling for a DiT (None: the kind's defaults)."""
     if num < 1:
         raise ValueError(f"number of generated images must be >= 1, got {num}")
-    check_generator_matches(tokenizer, generator)
+    check_generator_fits(generator, tokenizer)
     wanted = DiTSampling if generator_kind(generator) == "dit" else SamplingSettings
     sampling = sampling or wanted()
     if not isinstance(sampling, wanted):

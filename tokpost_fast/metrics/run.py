@@ -330,7 +330,7 @@ def _generator(ev: _Evaluation, generator, gen_wanted: list[str], skipped: dict)
     tokenizer: another kind or size (AR: vocabulary and grid; DiT: latent channels and grid), or, for a file, one
     trained on another tokenizer (its recorded tokenizer_hash, written by the gen stage, is neither this tokenizer
     nor the one it was post-trained from). A missing generator skips the generative metrics with the reason."""
-    from tokpost_fast.metrics.generation import check_generator_matches
+    from tokpost_fast.models.generator import check_generator_fits
 
     source, why = _find_generator(ev.run_dir, generator)
     if source is None:
@@ -349,7 +349,7 @@ def _generator(ev: _Evaluation, generator, gen_wanted: list[str], skipped: dict)
         record = {"path": os.path.abspath(source), "sha256": file_sha256(source), "kind": getattr(gpt, "kind", "ar"),
                   # the tokenizer the generator was trained on (a post-trained decoder differs)
                   "tokenizer_hash": getattr(gpt, "checkpoint_extra", {}).get("tokenizer_hash")}
-    check_generator_matches(ev.tokenizer, gpt)
+    check_generator_fits(gpt, ev.tokenizer)
     return gpt, record
 
 

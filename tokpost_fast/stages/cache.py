@@ -119,26 +119,15 @@ def cache_settings(cfg, num_rows: int, continuous: bool = False) -> dict:
 def check_generator_tokenizer(gpt, tokenizer, tokenizer_sha256: str, generator_path) -> None:
     """The generator's tokens must be this tokenizer's codes (its latents, for a DiT): refuse a generator trained
     on another tokenizer, naming both hashes, or of the other kind."""
-    continuous = bool(getattr(tokenizer, "is_continuous", False))
-    if continuous != (gpt.kind == "dit"):
-        needs = ("continuous: it needs a DiT (--stage gen --generator dit)" if continuous else
-                 "a VQ one: it needs the AR generator")
-        raise ValueError(f"{generator_path} is a {gpt.kind!r} generator, but the tokenizer is {needs}")
+    from tokpost_fast.models.generator import check_generator_fits
+
+    check_generator_fits(gpt, tokenizer, str(generator_path))
     recorded = getattr(gpt, "checkpoint_extra", {}).get("tokenizer_hash")
     if recorded is not None and recorded != tokenizer_sha256:
         raise ValueError(f"{generator_path} was trained on the tokenizer with sha256 {recorded}, but this run's "
                          f"tokenizer.pt has sha256 {tokenizer_sha256}; retrain the generator (--stage gen) on it")
     if recorded is None:
         log.warning("%s records no tokenizer hash; assuming it was trained on this tokenizer", generator_path)
-    if continuous:
-        if (gpt.config.latent_channels, gpt.config.grid_size) != (tokenizer.latent_channels, tokenizer.grid_size):
-            raise ValueError(f"{generator_path}: a DiT of {gpt.config.latent_channels}-channel {gpt.config.grid_size}^2"
-                             f" latents; the tokenizer's are {tokenizer.latent_channels}-channel "
-                             f"{tokenizer.grid_size}^2")
-        return
-    if gpt.config.vocab_size != tokenizer.codebook_size or gpt.config.seq_len != tokenizer.grid_size ** 2:
-        raise ValueError(f"{generator_path}: vocab {gpt.config.vocab_size}, {gpt.config.seq_len} tokens; the "
-                         f"tokenizer has K={tokenizer.codebook_size} and a {tokenizer.grid_size}^2 grid")
 
 
 def plan_key(plan: dict) -> dict:

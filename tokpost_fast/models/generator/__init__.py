@@ -13,6 +13,7 @@ from tokpost_fast.models.generator.config import (DIT_PRESETS, GENERATOR_PRESETS
                                                   config_from_dict, generator_config)
 from tokpost_fast.models.generator.diffusion import denoise_from, flow_loss, flow_pair, sample_dit
 from tokpost_fast.models.generator.dit import DiT
+from tokpost_fast.models.generator.fit import check_generator_fits
 from tokpost_fast.models.generator.gpt import (
     GPT,
     build_generator,
@@ -44,6 +45,7 @@ __all__ = [
     "build_generator",
     "causal_attention",
     "cfg_schedule",
+    "check_generator_fits",
     "config_from_dict",
     "denoise_from",
     "draw_keep_mask",
