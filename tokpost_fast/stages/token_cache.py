@@ -24,6 +24,7 @@ Shards are written to a dot-temp name, fsynced and renamed, so a present shard i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,13 @@ class CacheMismatch(ValueError):
     """A cache (or one of its shards) that does not belong to this run; the message names the file."""
 
 
+def _concat_rows(cls, parts: Sequence):
+    """Rows of several shards as one `cls` (CacheRows or LatentRows), in order: every tensor field concatenated."""
+    tensors = {f.name: torch.cat([getattr(p, f.name) for p in parts])
+               for f in dataclasses.fields(cls) if f.name != "relative_paths"}
+    return cls(**tensors, relative_paths=[path for p in parts for path in p.relative_paths])
+
+
 @dataclass
 class CacheRows:
     """Rows of one shard, or of the whole cache (concatenated in row order)."""
@@ -82,9 +90,7 @@ class CacheRows:
 
     @staticmethod
     def concat(parts: Sequence["CacheRows"]) -> "CacheRows":
-        return CacheRows(*(torch.cat([getattr(p, name) for p in parts]) for name in
-                           ("tokens", "gt_tokens", "keep_mask", "sample_index", "label", "sigma", "seed")),
-                         relative_paths=[path for p in parts for path in p.relative_paths])
+        return _concat_rows(CacheRows, parts)
 
 
 @dataclass
@@ -109,9 +115,7 @@ class LatentRows:
 
     @staticmethod
     def concat(parts: Sequence["LatentRows"]) -> "LatentRows":
-        return LatentRows(*(torch.cat([getattr(p, name) for p in parts]) for name in
-                            ("latents", "gt_latents", "sample_index", "label", "strength", "seed")),
-                          relative_paths=[path for p in parts for path in p.relative_paths])
+        return _concat_rows(LatentRows, parts)
 
 
 def write_shard(path: Path, rows: CacheRows, shard: int, codebook_size: int, settings: dict) -> None:
