@@ -1,5 +1,6 @@
-"""Stage `gen`: token extraction (tokenizer.encode on images and flips, cached with the tokenizer hash) and a
-2-rank DeepSpeed ZeRO run on the CPU (gloo) that resumes to exactly the weights of a straight run."""
+"""Stage `gen`: token extraction (tokenizer.encode on images and flips, cached with the tokenizer hash) and 2-rank
+DeepSpeed ZeRO runs on the CPU (gloo) that resume to exactly the weights of a straight run: raster order, and
+RAR's randomized order cut mid-anneal (whose generator then feeds the cache stage)."""
 
 import json
 import os
@@ -81,6 +82,27 @@ def test_gen_config_checks():
         GenStageConfig(zero_stage=3)
 
 
+def test_gen_order_checks_and_defaults():
+    assert GenStageConfig(order="rar").model_overrides() == {"arch": "rar"}      # the demo preset in RAR's layout
+    assert GenStageConfig().training_order("gpt") == "raster"
+    assert GenStageConfig(preset="B").training_order("rar") == "rar"             # the RAR presets default to rar
+    assert GenStageConfig(preset="B", order="raster").training_order("rar") == "raster"
+    assert GenStageConfig().rar_anneal(250_000) == (125_000, 187_500)             # rar.yaml's steps
+    assert GenStageConfig().rar_anneal(192) == (96, 144)                         # the demo's 192 steps
+    assert GenStageConfig(rar_anneal_start=3, rar_anneal_end=9).rar_anneal(100) == (3, 9)
+    assert GenStageConfig(rar_anneal_start=90).rar_anneal(100) == (90, 90)       # the default end never precedes
+    with pytest.raises(ValueError, match="gen.order"):
+        GenStageConfig(order="rar", model={"arch": "gpt"})                       # GPT has no target-aware position
+    with pytest.raises(ValueError, match="gen.order"):
+        GenStageConfig(order="zigzag")
+    with pytest.raises(ValueError, match="gen.order"):
+        GenStageConfig(generator="dit", order="raster")
+    with pytest.raises(ValueError, match="gen.rar_anneal_end"):
+        GenStageConfig(rar_anneal_start=10, rar_anneal_end=5)
+    with pytest.raises(ValueError, match="gen.rar_anneal_start"):
+        GenStageConfig(rar_anneal_start=-1)
+
+
 def test_extract_tokens_encodes_images_and_flips_and_caches(setup):
     run = new_run(setup, "extract")
     cfg = load_config(write_config(run / "cfg.yaml", setup / "data"))
@@ -145,3 +167,40 @@ def test_two_rank_run_resumes_to_the_straight_run(setup, tmp_path):
     assert (cut / "gen" / "samples" / "step-00000006.png").is_file()
     sample_main(["--run-dir", str(cut), "--classes", "0,1", "--num", "2", "--out", str(tmp_path / "grid.png")])
     assert Image.open(tmp_path / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not Path(sys.executable).with_name("deepspeed").exists(), reason="deepspeed launcher missing")
+def test_rar_order_resumes_mid_anneal_to_the_straight_run_and_feeds_the_cache(setup, tmp_path):
+    # 6 steps, r annealed between steps 2 and 5; the cut at step 3 falls mid-anneal (r = 2/3 there)
+    config = write_config(tmp_path / "cfg.yaml", setup / "data", order="rar", rar_anneal_start=2, rar_anneal_end=5)
+    cut, straight = new_run(setup, "rar-cut"), new_run(setup, "rar-straight")
+    launch(cut, config, "--max-steps", "3")
+    launch(cut, config, "--resume")
+    launch(straight, config)
+
+    resumed, reference = (torch.load(r / "generator.pt", weights_only=True) for r in (cut, straight))
+    assert resumed["step"] == reference["step"] == 6 and resumed["order"] == "rar"
+    for key, value in reference["model"].items():                             # fp32 on the CPU: bit-exact
+        assert torch.equal(resumed["model"][key], value), key
+    gpt = load_generator(cut / "generator.pt")
+    assert gpt.config.arch == "rar" and "target_aware_pos_embed" in reference["model"]
+
+    rows = [json.loads(line) for line in (cut / "gen" / "log.jsonl").read_text().splitlines()]
+    start = next(r for r in rows if r.get("event") == "start")
+    assert start["order"] == "rar" and start["rar_anneal"] == [2, 5] and start["model"]["arch"] == "rar"
+    ratios = [r["random_ratio"] for r in rows if "loss" in r]                 # r of steps 0 .. 5
+    assert ratios == pytest.approx([1.0, 1.0, 1.0, 2 / 3, 1 / 3, 0.0])
+    assert (cut / "gen" / "samples" / "step-00000006.png").is_file()          # sampled in raster order
+
+    from tokpost_fast.stages.token_cache import load_rows, read_index
+    from tokpost_fast.train import main as train_main
+
+    result = train_main(["--stage", "cache", "--config", str(config), "--run-dir", str(cut)])
+    assert result["complete"]
+    index = read_index(cut / "cache")
+    rows = load_rows(cut / "cache", index)
+    assert rows.tokens.shape == (index["num_rows"], 4, 4) and index["num_rows"] > 0
+    assert 0 < rows.keep_mask.float().mean() < 1
+    assert torch.equal(rows.tokens[rows.keep_mask], rows.gt_tokens[rows.keep_mask])

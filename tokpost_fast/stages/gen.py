@@ -8,8 +8,12 @@ or, for a continuous tokenizer, the DiT on its latents (issue 8; gen.generator: 
    no augmentation; ranks split the images) and cached in DIR/tokens/tokens.pt together with the tokenizer's
    sha256. A cache made by another tokenizer is rebuilt, never used.
 2. Training: DeepSpeed ZeRO, AdamW (fused where the hardware has it), cosine LR with warm-up, class-label dropout
-   for classifier-free guidance, one of the two flips per image and epoch. Checkpoints, log.jsonl and sample grids
-   live in DIR/gen/ (DIR/checkpoints belongs to the main stage); --resume continues from DIR/gen/checkpoints.
+   for classifier-free guidance, one of the two flips per image and epoch. gen.order: raster trains on the raster
+   order; rar trains RAR (arch rar) on sequences permuted with probability r, r annealed from 1 to 0 between
+   gen.rar_anneal_start and gen.rar_anneal_end (default: half and three quarters of the run's steps, rar.yaml's
+   125,000 and 187,500 of 250,000); the orders are a function of (gen.seed, step, rank), so resume redraws them.
+   Sampling (sample grids, cache, evaluate) is raster order for both. Checkpoints, log.jsonl and sample grids live
+   in DIR/gen/ (DIR/checkpoints belongs to the main stage); --resume continues from DIR/gen/checkpoints.
 3. Export: DIR/generator.pt (EMA weights when ema_decay > 0) with the tokenizer's hash.
 
 With gen.generator = dit the inputs are encode_latent(x) * scaling_factor (and flips), cached in
@@ -23,105 +27,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from tokpost_fast.atomic import atomic_torch_save
-from tokpost_fast.models.generator import (build_generator, flow_loss, flow_pair, generator_config,
-                                           next_token_loss, save_generator)
-from tokpost_fast.models.generator.config import CONFIG_CLASSES, PRESETS_BY_KIND, config_to_dict
+from tokpost_fast.models.generator import (build_generator, draw_orders, flow_loss, flow_pair, generator_config,
+                                           next_token_loss, order_generator, permute_tokens, random_ratio,
+                                           save_generator)
+from tokpost_fast.models.generator.config import config_to_dict
 from tokpost_fast.stages.common import (EMA, NonFiniteGuard, all_reduce_sum, autocast, barrier, cosine_lr,
                                         deepspeed_config, init_distributed, resolve_precision, seed_everything,
                                         set_lr)
+from tokpost_fast.stages.gen_config import GenStageConfig  # noqa: F401  (re-exported: config.py imports it here)
 
 log = logging.getLogger("tokpost_fast.train")
-
-FROM_TOKENIZER = {"ar": ("vocab_size", "seq_len"), "dit": ("latent_channels", "grid_size")}
-SET_BY_STAGE = {kind: keys + ("class_dropout",) for kind, keys in FROM_TOKENIZER.items()}  # gen.label_drop
-DEFAULT_PRESETS = {"ar": "demo", "dit": "demo_dit"}
-
-
-@dataclass
-class GenStageConfig:
-    """Generator training (SPEC A4: AdamW lr 4e-4, betas (0.9, 0.96), wd 0.03, cosine, label dropout 0.1)."""
-
-    generator: str = "ar"                 # "ar" (token grids, VQ tokenizer) | "dit" (latents, continuous tokenizer)
-    preset: Optional[str] = None          # a preset of that kind (None: "demo" / "demo_dit")
-    model: dict[str, Any] = field(default_factory=dict)   # config overrides (vocab_size and seq_len, or
-                                          # latent_channels and grid_size, come from the tokenizer, num_classes
-                                          # from the data set unless given)
-    global_batch_size: int = 64           # over all ranks
-    lr: float = 4e-4
-    min_lr: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.96)
-    weight_decay: float = 0.03            # on weight matrices only, not on norms, biases or embeddings
-    warmup_epochs: float = 1.0
-    epochs: int = 400                     # RAR: 250k steps at batch 2048 on ImageNet
-    max_steps: Optional[int] = None       # stop early; the LR schedule never depends on it
-    label_drop: float = 0.1
-    grad_clip: float = 1.0
-    ema_decay: float = 0.0                # 0: no EMA (RAR trains without)
-    flip: bool = True                     # also encode horizontal flips; each epoch picks one per image
-    extract_batch_size: int = 64          # images per rank per encode call
-    log_interval: int = 10
-    sample_interval: int = 0              # steps between sample grids (0: only at the end)
-    ckpt_interval: int = 1000
-    keep_checkpoints: int = 2
-    sample_classes: int = 4               # rows of the sample grid (the first classes)
-    sample_images: int = 8                # images per row
-    sample_cfg_scale: float = 4.0
-    sample_cfg_power: float = 1.0         # AR only
-    sample_steps: int = 50                # DiT only: Euler steps of the sample grids
-    seed: int = 0
-    zero_stage: int = 2
-    precision: str = "auto"               # auto: bf16 autocast on GPU, fp32 on CPU
-    deepspeed_config: str = "configs/deepspeed/zero2.json"
-    max_bad_steps: int = 10
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-
-        def check(name: str, ok: bool, why: str) -> None:
-            if not ok:
-                raise ValueError(f"gen.{name}={getattr(self, name)!r}: {why}")
-
-        check("generator", self.generator in PRESETS_BY_KIND, f"must be one of {sorted(PRESETS_BY_KIND)}")
-        if self.preset is None:
-            self.preset = DEFAULT_PRESETS[self.generator]
-        presets = PRESETS_BY_KIND[self.generator]
-        check("preset", self.preset in presets, f"must be a {self.generator!r} preset: one of {sorted(presets)}")
-        known = {f.name for f in dataclasses.fields(CONFIG_CLASSES[self.generator])} - set(SET_BY_STAGE[self.generator])
-        unknown = sorted(set(self.model) - known)
-        check("model", not unknown, f"unknown or stage-set keys {unknown} ({', '.join(FROM_TOKENIZER[self.generator])}"
-                                    f": from the tokenizer; class_dropout: gen.label_drop); valid: {sorted(known)}")
-        # the model's own checks, now rather than mid-run; a DiT's patch must divide the tokenizer's grid, which
-        # only the run knows, so that one check waits (here the grid is set to a multiple of the patch)
-        sizes = {}
-        if self.generator == "dit":
-            patch = self.model.get("patch_size", presets[self.preset].patch_size)
-            sizes = {"grid_size": patch if isinstance(patch, int) and patch >= 1 else 1}
-        generator_config(self.preset, **self.model, **sizes)
-        check("global_batch_size", self.global_batch_size >= 1, "must be >= 1")
-        check("lr", self.lr > 0, "must be > 0")
-        check("min_lr", 0 <= self.min_lr <= self.lr, "must be in [0, lr]")
-        check("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two values in [0, 1)")
-        check("weight_decay", self.weight_decay >= 0, "must be >= 0")
-        check("warmup_epochs", self.warmup_epochs >= 0, "must be >= 0")
-        check("epochs", self.epochs >= 1, "must be >= 1")
-        check("max_steps", self.max_steps is None or self.max_steps >= 0, "must be None or >= 0")
-        check("label_drop", 0 <= self.label_drop < 1, "must be in [0, 1)")
-        check("grad_clip", self.grad_clip >= 0, "must be >= 0 (0 disables)")
-        check("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1)")
-        for name in ("extract_batch_size", "log_interval", "ckpt_interval", "keep_checkpoints", "sample_classes",
-                     "sample_images", "sample_steps", "max_bad_steps"):
-            check(name, getattr(self, name) >= 1, "must be >= 1")
-        check("sample_interval", self.sample_interval >= 0, "must be >= 0")
-        check("zero_stage", self.zero_stage in (0, 1, 2),
-              "must be 0, 1 or 2 (stage 3 partitions the weights the rank-0 sample grids need whole)")
-        check("precision", self.precision in ("auto", "fp32", "bf16"), "must be auto, fp32 or bf16")
 
 
 # --- 1. token grids (or latents) --------------------------------------------------------------------------------
@@ -281,8 +202,10 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
 
     sizes = (dict(latent_channels=tokenizer.latent_channels, grid_size=tokenizer.grid_size) if dit else
              dict(vocab_size=tokenizer.codebook_size, seq_len=tokenizer.grid_size ** 2))
-    model_cfg = generator_config(gen.preset, **{"num_classes": data["num_classes"], **gen.model}, **sizes,
+    model_cfg = generator_config(gen.preset, **{"num_classes": data["num_classes"], **gen.model_overrides()}, **sizes,
                                  class_dropout=gen.label_drop)
+    token_order = None if dit else gen.training_order(model_cfg.arch)     # raster | rar
+    anneal = gen.rar_anneal(total_steps) if token_order == "rar" else None
     seed_everything(gen.seed)                        # the same initial weights on every rank
     gpt = build_generator(model_cfg).to(info.device)
     opt_name, optimizer = fused_adamw(gpt, gen.lr, gen.betas, gen.weight_decay, info.device)
@@ -303,7 +226,11 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
         seed_everything(gen.seed + 7919 * info.rank)  # per-rank label-dropout (and DiT noise / time) draws
         jsonl.write({"step": 0, "event": "start", "params": gpt.num_params(), "optimizer": opt_name,
                      "images": count, "views": views, "steps": total_steps, "world_size": info.world_size,
-                     "model": config_to_dict(model_cfg)})
+                     "model": config_to_dict(model_cfg), **({} if dit else {"order": token_order}),
+                     **({"rar_anneal": list(anneal)} if anneal else {})})
+        if anneal and anneal[1] > total_steps:
+            jsonl.event(0, f"gen.rar_anneal_end={anneal[1]} is past the run's {total_steps} steps: it ends at "
+                           f"r = {random_ratio(total_steps, *anneal):.3f}, not raster-only")
 
     def state_dict() -> dict:
         return {"step": step, "tokenizer_hash": tokenizer_hash, "guard": guard.state_dict(),
@@ -341,9 +268,15 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
             loss = flow_loss(velocity, target)
         else:
             tokens = batch.flatten(1).long()
+            extra, targets = (), tokens
+            ratio = random_ratio(step, *anneal) if anneal else 0.0
+            if ratio > 0:                            # RAR: some sequences in a random order
+                orders = draw_orders(micro, tokens.shape[1], ratio, order_generator(gen.seed, step, info.rank))
+                orders = orders.to(info.device, non_blocking=True)
+                extra, targets = (orders,), permute_tokens(tokens, orders)
             with autocast(info.device, precision):
-                logits = engine(tokens, gpt.drop_labels(batch_labels, gen.label_drop))
-            loss = next_token_loss(logits, tokens)
+                logits = engine(tokens, gpt.drop_labels(batch_labels, gen.label_drop), *extra)
+            loss = next_token_loss(logits, targets)
         if guard.ok(loss):
             engine.backward(loss)
             engine.step()
@@ -357,6 +290,7 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
             totals = all_reduce_sum(torch.cat([loss_sum, torch.tensor([float(items_seen)], dtype=torch.float64)]))
             elapsed = time.perf_counter() - t0
             row = {"step": step, "epoch": step / steps_per_epoch, "lr": lr, "skipped": guard.skipped,
+                   **({"random_ratio": random_ratio(step - 1, *anneal)} if anneal else {}),
                    "loss": float(totals[0] / max(totals[1], 1.0)),
                    ("images_per_s" if dit else "tokens_per_s"): float(totals[2]) / elapsed}
             grad_norm = engine.get_global_grad_norm()
@@ -375,7 +309,7 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
     export = run_dir / "generator.pt"
     if info.is_main:
         final = ema.copy_to(build_generator(model_cfg)) if ema is not None else gpt
-        save_generator(final, export, extra={"tokenizer_hash": tokenizer_hash, "step": step,
+        save_generator(final, export, extra={"tokenizer_hash": tokenizer_hash, "step": step, "order": token_order,
                                              "gen_config": dataclasses.asdict(gen), "ema": ema is not None})
         jsonl.write({"step": step, "event": "export", "path": str(export)})
     jsonl.close()

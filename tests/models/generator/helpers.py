@@ -10,6 +10,8 @@ from tokpost_fast.models.generator import GeneratorConfig, build_generator
 def tiny_config(**overrides) -> GeneratorConfig:
     values = dict(vocab_size=64, seq_len=16, num_classes=5, width=32, depth=2, heads=2, mlp_ratio=2.0,
                   dropout=0.0, cond="adaln", pos="rope2d", mlp="swiglu", attn_backend="sdpa")
+    if overrides.get("arch") == "rar":      # RAR's layout fixes its positions and MLP
+        values.update(pos=None, mlp="gelu")
     values.update(overrides)
     return GeneratorConfig(**values)
 

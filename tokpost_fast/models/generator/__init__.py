@@ -1,5 +1,6 @@
 """Class-conditional generators: the AR transformer over token grids (SPEC A4) and the DiT rectified flow over
-continuous latents (issue 8); configs and presets, attention backends, sampling."""
+continuous latents; configs and presets, attention backends, sampling. The AR transformer comes in two layouts:
+GPT (LlamaGen-like, raster order) and RAR (the paper's, trained on randomly permuted orders annealed to raster)."""
 
 from tokpost_fast.models.generator.attention import (
     KVCache,
@@ -23,6 +24,8 @@ from tokpost_fast.models.generator.gpt import (
     read_generator_checkpoint,
     save_generator,
 )
+from tokpost_fast.models.generator.rar import (RAR, draw_orders, load_rar_weights, order_generator,
+                                               permute_tokens, random_ratio)
 from tokpost_fast.models.generator.sampling import (
     cfg_schedule,
     draw_keep_mask,
@@ -40,6 +43,7 @@ __all__ = [
     "GPT",
     "GeneratorConfig",
     "KVCache",
+    "RAR",
     "attention_reference",
     "available_attention_backends",
     "build_generator",
@@ -49,6 +53,7 @@ __all__ = [
     "config_from_dict",
     "denoise_from",
     "draw_keep_mask",
+    "draw_orders",
     "filter_logits",
     "flash_attn_available",
     "flow_loss",
@@ -56,8 +61,12 @@ __all__ = [
     "full_attention",
     "generator_config",
     "load_generator",
+    "load_rar_weights",
     "load_state_strict",
     "next_token_loss",
+    "order_generator",
+    "permute_tokens",
+    "random_ratio",
     "read_generator_checkpoint",
     "sample",
     "sample_dit",

@@ -1,10 +1,14 @@
 """Generator configurations and the size presets (SPEC A4).
 
 Two kinds, told apart by the class attribute `kind` (saved as config["kind"]; files without one are "ar"):
-- "ar", GeneratorConfig: the paper's RAR, a class-conditional decoder-only transformer over the token grid with
-  adaLN conditioning and qk-norm, raster order at sampling. RAR-B is 768 x 24 x 16 (~261M parameters), RAR-L
-  1024 x 24 x 16 (~461M); both use a GELU MLP of ratio 4, so a block holds 4 d^2 (attention) + 8 d^2 (MLP) +
-  6 d^2 (adaLN) weights.
+- "ar", GeneratorConfig: a class-conditional decoder-only transformer over the token grid, raster order at
+  sampling, in one of two layouts (`arch`):
+  "rar": the paper's RAR (models/generator/rar.py), bytedance/1d-tokenizer's layout, so its released weights load:
+         adaLN, qk-norm, learned absolute positions plus the target-aware positional embedding that lets it train
+         on permuted orders (gen.order: rar). RAR-B is 768 x 24 x 16 (~261M parameters), RAR-L 1024 x 24 x 16
+         (~461M); both use a GELU MLP of ratio 4, so a block holds 4 d^2 (attention) + 8 d^2 (MLP) + 6 d^2 (adaLN)
+         weights.
+  "gpt": LlamaGen-like (models/generator/gpt.py): 2-D RoPE or a learned table, raster order only.
 - "dit", DiTConfig: a class-conditional DiT (Peebles & Xie) over a continuous tokenizer's latent grid, trained
   as a rectified flow (models/generator/diffusion.py). DiT-B/2 is 768 x 12 x 12 (~130M), DiT-XL/2 1152 x 28 x 16
   (~675M).
@@ -14,10 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import ClassVar, Optional, Union
 
+ARCHS = ("gpt", "rar")
 CONDITIONINGS = ("token", "adaln")
 POSITIONS = ("rope2d", "learned")
+ARCH_POSITIONS = {"gpt": "rope2d", "rar": "learned"}    # pos None: the arch's own
 MLPS = ("swiglu", "gelu")
 ATTN_BACKENDS = ("auto", "flash", "sdpa", "math")
 
@@ -38,6 +44,7 @@ def _strict_from_dict(cls, values: dict):
 @dataclass
 class GeneratorConfig:
     kind: ClassVar[str] = "ar"
+    arch: str = "gpt"               # "gpt" (LlamaGen-like, raster only) | "rar" (RAR's layout, see above)
     vocab_size: int = 4096          # the tokenizer's codebook size K
     seq_len: int = 256              # tokens per image = grid_size ** 2 (raster order)
     num_classes: int = 1000         # class labels; id num_classes is the "no class" label used for CFG
@@ -50,7 +57,8 @@ class GeneratorConfig:
     cond: str = "adaln"             # "token": class embedding as the first token only (LlamaGen);
                                     # "adaln": first token + adaLN-zero modulation in every block (RAR)
     qk_norm: bool = True
-    pos: str = "rope2d"             # 2-D rotary over the token grid (LlamaGen) or a learned table (RAR)
+    pos: Optional[str] = None       # "rope2d": 2-D rotary over the token grid (LlamaGen); "learned": a learned
+                                    # table (RAR's, plus its target-aware table); None: the arch's own
     mlp: str = "gelu"
     attn_backend: str = "auto"      # see models/generator/attention.py
 
@@ -59,6 +67,7 @@ class GeneratorConfig:
             if not ok:
                 raise ValueError(f"GeneratorConfig.{name}={getattr(self, name)!r}: {why}")
 
+        check("arch", self.arch in ARCHS, f"must be one of {ARCHS}")
         check("vocab_size", self.vocab_size >= 1, "must be >= 1")
         check("seq_len", self.seq_len >= 1, "must be >= 1")
         check("num_classes", self.num_classes >= 1, "must be >= 1")
@@ -67,13 +76,23 @@ class GeneratorConfig:
         check("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)")
         check("class_dropout", 0.0 <= self.class_dropout < 1.0, "must be in [0, 1)")
         check("cond", self.cond in CONDITIONINGS, f"must be one of {CONDITIONINGS}")
-        check("pos", self.pos in POSITIONS, f"must be one of {POSITIONS}")
+        check("pos", self.pos is None or self.pos in POSITIONS, f"must be None or one of {POSITIONS}")
         check("mlp", self.mlp in MLPS, f"must be one of {MLPS}")
         check("attn_backend", self.attn_backend in ATTN_BACKENDS, f"must be one of {ATTN_BACKENDS}")
-        if self.pos == "rope2d":
+        if self.arch == "rar":   # RAR's layout fixes these (its released weights have no place for others)
+            check("pos", self.positions == "learned", "arch rar has learned positions (leave pos unset)")
+            check("cond", self.cond == "adaln", "arch rar conditions with adaLN")
+            check("mlp", self.mlp == "gelu", "arch rar has a GELU MLP")
+            check("qk_norm", self.qk_norm, "arch rar has qk-norm")
+        if self.positions == "rope2d":
             grid = round(self.seq_len ** 0.5)
             check("seq_len", grid * grid == self.seq_len, "rope2d needs a square token grid")
             check("heads", (self.width // self.heads) % 4 == 0, "rope2d needs a head dim divisible by 4")
+
+    @property
+    def positions(self) -> str:
+        """The position encoding in use: pos, or the arch's own when pos is None."""
+        return self.pos or ARCH_POSITIONS[self.arch]
 
     @property
     def head_dim(self) -> int:
@@ -169,8 +188,8 @@ def config_to_dict(cfg: AnyGeneratorConfig) -> dict:
 GENERATOR_PRESETS: dict[str, GeneratorConfig] = {
     # tiny, for CPU tests and `make demo` (2 cores, minutes); sized for the demo tokenizer's 8x8 grid, K = 1024
     "demo": GeneratorConfig(width=128, depth=4, heads=4, mlp_ratio=4.0, num_classes=10, vocab_size=1024, seq_len=64),
-    "B": GeneratorConfig(width=768, depth=24, heads=16, dropout=0.1),    # RAR-B, ~261M
-    "L": GeneratorConfig(width=1024, depth=24, heads=16, dropout=0.1),   # RAR-L, ~461M
+    "B": GeneratorConfig(arch="rar", width=768, depth=24, heads=16, dropout=0.1),    # RAR-B, ~261M
+    "L": GeneratorConfig(arch="rar", width=1024, depth=24, heads=16, dropout=0.1),   # RAR-L, ~461M
 }
 
 

@@ -1,9 +1,10 @@
-"""The class-conditional decoder-only transformer (SPEC A4), read top to bottom: positions, blocks, the model,
-then construction and checkpoints.
+"""The LlamaGen-like class-conditional decoder-only transformer (arch "gpt", SPEC A4), read top to bottom:
+positions, blocks, the model, then construction and checkpoints of every generator (GPT, RAR, DiT).
 
 Sequence layout: the model's input is [class, t_0, t_1, ..., t_{L-2}] and the output at position p is the
 distribution of token t_p (raster order over the grid_size x grid_size token grid). Label id `num_classes` is the
 "no class" label: label dropout during training and the unconditional half of classifier-free guidance use it.
+It trains in raster order only; RAR (models/generator/rar.py, arch "rar") also trains on permuted orders.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from tokpost_fast.atomic import atomic_torch_save
 from tokpost_fast.models.generator.attention import KVCache, causal_attention
 from tokpost_fast.models.generator.config import GeneratorConfig, config_from_dict, config_to_dict
+from tokpost_fast.models.generator.decoder import (TokenDecoder, init_rar_style,
+                                                   next_token_loss)  # noqa: F401  (re-exported from here)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -52,12 +55,14 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 # Blocks
 # ---------------------------------------------------------------------------------------------------------------
 class Attention(nn.Module):
-    def __init__(self, cfg: GeneratorConfig):
+    """Causal self-attention with qk-norm and the KV cache; `bias`: biased projections (RAR's layout)."""
+
+    def __init__(self, cfg: GeneratorConfig, bias: bool = False):
         super().__init__()
         self.heads, self.head_dim = cfg.heads, cfg.head_dim
         self.backend, self.dropout = cfg.attn_backend, cfg.dropout
-        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)   # one fused projection
-        self.proj = nn.Linear(cfg.width, cfg.width, bias=False)
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=bias)    # one fused projection
+        self.proj = nn.Linear(cfg.width, cfg.width, bias=bias)
         # qk-norm (RAR): LayerNorm over each head's q and k keeps attention logits bounded in bf16
         self.q_norm = nn.LayerNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
@@ -123,16 +128,15 @@ class Block(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------------------------
-class GPT(nn.Module):
-    kind = "ar"
-
+class GPT(TokenDecoder):
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
+        if cfg.arch != "gpt":
+            raise ValueError(f"GPT builds arch 'gpt', got arch {cfg.arch!r} (build_generator picks the class)")
         self.config = cfg
-        self.null_label = cfg.num_classes
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.width)
         self.class_emb = nn.Embedding(cfg.num_classes + 1, cfg.width)   # + the "no class" label
-        if cfg.pos == "learned":
+        if cfg.positions == "learned":
             self.pos_emb = nn.Parameter(torch.zeros(cfg.seq_len, cfg.width))
         else:
             cos, sin = rope2d_tables(cfg.grid_size, cfg.head_dim)
@@ -147,30 +151,18 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # RAR's init: truncated normal 0.02 for every linear and embedding, adaLN modulations at zero
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-        if self.config.pos == "learned":
+        modulations = [b.modulation for b in self.blocks if b.adaln] + [getattr(self, "final_modulation", None)]
+        init_rar_style(self, [m for m in modulations if m is not None])
+        if self.config.positions == "learned":
             nn.init.trunc_normal_(self.pos_emb, std=0.02)
-        for modulation in [b.modulation for b in self.blocks if b.adaln] + [getattr(self, "final_modulation", None)]:
-            if modulation is not None:
-                nn.init.zeros_(modulation[-1].weight)
-                nn.init.zeros_(modulation[-1].bias)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     # -- forward ---------------------------------------------------------------------------------------------
     def _logits(self, inputs, labels, start_pos: int, cached: bool):
         # inputs: [B, s] token ids at input positions max(start_pos, 1) ..; at start_pos 0 the class token is
         # prepended. labels: [B]. -> logits [B, S, V] fp32 for positions start_pos .. start_pos + S - 1
         cfg = self.config
-        # checked once per sequence (at position 0), not per decoding step: on a GPU the check synchronises
-        if start_pos == 0 and labels.numel() and (labels.min() < 0 or labels.max() > self.null_label):
-            raise ValueError(f"labels must lie in [0, {self.null_label}] ({self.null_label} = no class)")
+        if start_pos == 0:
+            self.check_labels(labels)
         cond = self.class_emb(labels)[:, None]                               # [B, 1, D]
         x = self.tok_emb(inputs)
         if start_pos == 0:
@@ -179,7 +171,7 @@ class GPT(nn.Module):
         if end > cfg.seq_len:
             raise ValueError(f"positions {start_pos}..{end - 1} exceed seq_len {cfg.seq_len}")
         rope = None
-        if cfg.pos == "learned":
+        if cfg.positions == "learned":
             x = x + self.pos_emb[start_pos:end]
         else:
             rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])
@@ -197,68 +189,20 @@ class GPT(nn.Module):
         logits[:, i] is the distribution of token i given the label and tokens[:, :i]."""
         return self._logits(tokens[:, :-1], labels, 0, cached=False)
 
-    def forward_cached(self, inputs: torch.Tensor, labels: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Decoding step through the KV cache (setup_cache first). At start_pos 0, inputs holds tokens
-        t_0 .. t_{s-1} after the class token (s may be 0); later, the tokens t_{start_pos-1} .. (usually one).
-        Returns logits [B, S, V] for positions start_pos .. start_pos + S - 1 (S = s + 1 at start_pos 0, else s)."""
-        if self.blocks[0].attn.cache is None:
-            raise RuntimeError("forward_cached needs gpt.setup_cache(batch, max_len, dtype) first")
-        return self._logits(inputs, labels, start_pos, cached=True)
-
-    def drop_labels(self, labels: torch.Tensor, p: float, generator: torch.Generator | None = None):
-        """Class-label dropout for classifier-free guidance: each label becomes "no class" with probability p."""
-        if p <= 0:
-            return labels
-        drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
-        return torch.where(drop, torch.full_like(labels, self.null_label), labels)
-
-    def loss(self, tokens, labels, label_drop: float | None = None, generator=None) -> torch.Tensor:
-        """Mean next-token cross entropy with label dropout (default config.class_dropout)."""
-        p = self.config.class_dropout if label_drop is None else label_drop
-        return next_token_loss(self(tokens, self.drop_labels(labels, p, generator)), tokens)
-
-    # -- KV cache --------------------------------------------------------------------------------------------
-    def setup_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
-        """Pre-allocate every layer's keys and values, [batch, max_len, heads, head_dim] (default: seq_len, the
-        parameters' dtype). Reuses the buffers when they already match."""
-        max_len = max_len or self.config.seq_len
-        dtype = dtype or self.head.weight.dtype
-        device = self.head.weight.device
-        current = self.blocks[0].attn.cache
-        if current is not None and (current.batch, current.max_len, current.k.dtype, current.k.device) == (
-                batch, max_len, dtype, device):
-            return
-        for block in self.blocks:
-            block.attn.cache = KVCache(batch, max_len, self.config.heads, self.config.head_dim, dtype, device)
-
-    def reset_cache(self) -> None:
-        for block in self.blocks:
-            if block.attn.cache is not None:
-                block.attn.cache.reset()
-
-    def free_cache(self) -> None:
-        for block in self.blocks:
-            block.attn.cache = None
-
-    @classmethod
-    def from_config(cls, cfg: GeneratorConfig) -> "GPT":
-        return cls(cfg)
-
-
-def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    # logits: [B, L, V] from GPT.forward, tokens: [B, L] -> scalar mean cross entropy
-    return F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Construction and checkpoints
 # ---------------------------------------------------------------------------------------------------------------
 def build_generator(cfg):
-    """GPT for a GeneratorConfig (kind "ar"), DiT for a DiTConfig (kind "dit")."""
+    """GPT or RAR for a GeneratorConfig (kind "ar", by its arch), DiT for a DiTConfig (kind "dit")."""
     if cfg.kind == "dit":
         from tokpost_fast.models.generator.dit import DiT
 
         return DiT.from_config(cfg)
+    if cfg.arch == "rar":
+        from tokpost_fast.models.generator.rar import RAR
+
+        return RAR.from_config(cfg)
     return GPT.from_config(cfg)
 
 

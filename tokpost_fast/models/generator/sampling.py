@@ -1,7 +1,8 @@
 """Autoregressive sampling (SPEC A4) and teacher-forced sampling for the post-training set (SPEC A5.1).
 
-One token per step in raster order, through the static KV cache. Classifier-free guidance runs the conditional
-and the unconditional ("no class" label) halves as one doubled batch and mixes them with RAR's schedule
+One token per step in raster order, through the static KV cache, for either AR layout (GPT, or RAR in whatever
+order it was trained). Classifier-free guidance runs the conditional and the unconditional ("no class" label)
+halves as one doubled batch and mixes them with RAR's schedule
     cfg(k) = 1 + (g - 1) * (1 - cos(pi * (k / L) ** p)) / 2,   logits = u + cfg(k) * (c - u),
 k = 0 .. L-1 the step, so guidance starts at 1 and rises towards g. Then temperature, top-k, top-p.
 
@@ -63,7 +64,7 @@ def sample_from_logits(logits, uniform, temperature: float = 1.0, top_k: int = 0
 def _cache_dtype(gpt: GPT, device: torch.device) -> torch.dtype:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
-    return gpt.head.weight.dtype
+    return gpt.param_dtype
 
 
 @torch.no_grad()
