@@ -31,7 +31,7 @@ import yaml
 from tokpost_fast.data import DataConfig
 from tokpost_fast.losses import LossConfig
 from tokpost_fast.metrics.config import EvalConfig
-from tokpost_fast.models.tokenizer.config import TOKENIZER_PRESETS, TokenizerConfig
+from tokpost_fast.models.tokenizer.config import TOKENIZER_PRESETS, VQ_ARCHS, CodebookConfig, TokenizerConfig
 from tokpost_fast.perturb import PerturbConfig, perturbed_count
 from tokpost_fast.stages.cache import CacheStageConfig
 from tokpost_fast.stages.gen import GenStageConfig
@@ -110,6 +110,7 @@ class Config:
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
     gen: GenStageConfig = field(default_factory=GenStageConfig)
     cache: CacheStageConfig = field(default_factory=CacheStageConfig)
     post: PostStageConfig = field(default_factory=PostStageConfig)
@@ -336,6 +337,14 @@ def check_config(cfg: Config, world_size: Optional[int] = None, stage: Optional[
     if cfg.data.image_size != cfg.tokenizer.image_size:
         raise ConfigError(f"data.image_size={cfg.data.image_size}: must equal "
                           f"tokenizer.image_size={cfg.tokenizer.image_size}")
+    cb = cfg.codebook
+    if cfg.tokenizer.arch not in VQ_ARCHS and (cb.restart_dead or cb.init != "uniform"):
+        raise ConfigError(f"codebook.restart_dead / codebook.init: tokenizer.arch={cfg.tokenizer.arch!r} has no "
+                          "codebook; leave the codebook section at its defaults")
+    tokens = cb.kmeans_images * cfg.tokenizer.grid_size ** 2
+    if cfg.tokenizer.arch in VQ_ARCHS and cb.init == "kmeans" and tokens < K:
+        raise ConfigError(f"codebook.kmeans_images={cb.kmeans_images}: {tokens} latent tokens for K = {K} codes; "
+                          f"k-means needs >= K (>= {-(-K // cfg.tokenizer.grid_size ** 2)} images)")
     if world_size is None or stage not in (None, "main"):
         return
     if world_size < 1:

@@ -9,6 +9,11 @@ codebook / commitment terms, and the latent perturbation is Gaussian noise (pert
 the same first floor(B_local * beta) samples, our analogue of SPEC A2; there is no codebook usage to log. When
 tokenizer.scaling_factor is None it is measured at export (1 / std of the EMA model's posterior means).
 
+Codebook health (section `codebook`, models/tokenizer/quantizer.py): every logged row carries the codes used,
+their perplexity and the dead-code count; optional k-means init of the codebook and dead-code restarts (both off
+by default). A restart writes the module, ZeRO's fp32 master and the EMA, and is checked to be the same bytes on
+every rank; its state is in the checkpoint.
+
 Exact resume: the data order depends only on (seed, epoch) and the batches of the current epoch already consumed
 are skipped; every random draw of a step is keyed by (train.seed, global step, rank) (perturb.step_seed), and the
 LR schedule by the step alone, so N steps + --resume + N steps give the weights of 2N straight steps.
@@ -31,6 +36,7 @@ from tokpost_fast.data import ImageFolderDataset, build_loader
 from tokpost_fast.losses import TokenizerLoss, build_tokenizer_loss
 from tokpost_fast.models.tokenizer import Tokenizer, build_discriminator, build_tokenizer, save_tokenizer
 from tokpost_fast.models.tokenizer.kl import estimate_scaling_factor
+from tokpost_fast.models.tokenizer.quantizer import DeadCodeTracker, synchronised_fingerprints
 from tokpost_fast.perturb import perturb_params, perturbed_samples, step_seed
 from tokpost_fast.stages.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tokpost_fast.stages.common import (EMA, DistInfo, NonFiniteGuard, NonFiniteLossError, autocast, barrier,
@@ -141,6 +147,28 @@ def _batches(cfg: Config, info: DistInfo, epoch: int, skip: int) -> Iterator:
     return iter(loader)
 
 
+@torch.no_grad()
+def kmeans_init_codebook(cfg: Config, info: DistInfo, tokenizer: Tokenizer) -> dict:
+    """codebook.init = kmeans (collective): the codebook becomes the k-means centroids (ops.kmeans) of the encoder
+    outputs of the first ceil(codebook.kmeans_images / world) epoch-0 training images of every rank."""
+    t0 = time.perf_counter()
+    per_rank = -(-cfg.codebook.kmeans_images // info.world_size)
+    latents, seen = [], 0
+    tokenizer.eval()
+    for batch in _batches(cfg, info, epoch=0, skip=0):
+        z = tokenizer.encode_latent(batch[0][:per_rank - seen].to(info.device))
+        latents.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float())
+        seen += z.shape[0]
+        if seen >= per_rank:
+            break
+    tokenizer.train()
+    rows = torch.cat(latents)
+    inertia = tokenizer.quantize.init_from_kmeans(rows, cfg.codebook.kmeans_iters, seed=cfg.train.seed)
+    return {"images": seen * info.world_size, "latent_rows": rows.shape[0] * info.world_size,
+            "iters": cfg.codebook.kmeans_iters, "inertia_per_row": float(inertia),
+            "seconds": time.perf_counter() - t0}
+
+
 def run(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     info = init_distributed()
     run_dir = Path(run_dir)
@@ -163,6 +191,12 @@ def run(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     loss_fn: TokenizerLoss = build_tokenizer_loss(cfg.loss, tokenizer).to(device)
     discriminator = build_discriminator(cfg.loss.disc_ndf, cfg.loss.disc_layers).to(device)
     autoencoder = GeneratorObjective(tokenizer, loss_fn, discriminator)
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None and info.is_main:
+        log.warning("--resume: no checkpoint in %s; starting from step 0", run_dir)
+    kmeans_init = None
+    if cfg.codebook.init == "kmeans" and checkpoint is None:     # before the engines copy the weights
+        kmeans_init = kmeans_init_codebook(cfg, info, tokenizer)
 
     local_batch = cfg.data.batch_size
     steps_per_epoch = len(build_loader(cfg.data, train=True, rank=info.rank, world_size=info.world_size,
@@ -180,16 +214,20 @@ def run(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     ema = EMA(tokenizer, tc.ema_decay)
     guard = NonFiniteGuard(tc.max_bad_steps, device)
 
+    cb = cfg.codebook
+    tracker = None if tokenizer.is_continuous else DeadCodeTracker(tokenizer.quantize, cb.dead_threshold,
+                                                                   cb.dead_window, cb.usage_decay)
     step = 0
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None and info.is_main:
-        log.warning("--resume: no checkpoint in %s; starting from step 0", run_dir)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, engines, info)
         step = state["step"]
         ema.load_state_dict(state["ema"])
         loss_fn.lecam.load_state_dict(state["lecam"])
         guard.load_state_dict(state["guard"])
+        if tracker is not None and state.get("codebook") is not None:
+            tracker.load_state_dict(state["codebook"])
+        elif tracker is not None and info.is_main:
+            log.warning("%s holds no dead-code state: code usage is counted from step %d", checkpoint, step)
         if info.is_main:
             log.info("resumed from %s at step %d", checkpoint, step)
 
@@ -198,7 +236,10 @@ def run(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         jsonl.write({"step": 0, "event": "start", "world_size": info.world_size, "local_batch": local_batch,
                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "stop_step": stop_step,
                      "precision": precision, "params_autoencoder": param_count(autoencoder.parameters()),
-                     "params_discriminator": param_count(discriminator.parameters())})
+                     "params_discriminator": param_count(discriminator.parameters()),
+                     "codebook_init": cb.init, "restart_dead": cb.restart_dead})
+        if kmeans_init is not None:
+            jsonl.write({"step": 0, "event": "codebook k-means init", **kmeans_init})
         if loss_fn.perceptual is None and cfg.loss.perceptual > 0:
             jsonl.event(0, "LPIPS weight 0: no LPIPS weights configured (loss.perceptual_weights)")
         if loss_fn.semantic is None and cfg.loss.semantic > 0:
@@ -215,10 +256,12 @@ def run(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     sums_n = 0
     last_saved = step if checkpoint is not None else -1
     interval_t0, interval_images = time.perf_counter(), 0
+    restart_prints = None           # per-rank codebook fingerprints after the interval's last restart
 
     def save(at_step: int) -> None:
         state = {"step": at_step, "epoch": at_step // steps_per_epoch, "ema": ema.state_dict(),
-                 "lecam": loss_fn.lecam.state_dict(), "guard": guard.state_dict(), "config": to_dict(cfg)}
+                 "lecam": loss_fn.lecam.state_dict(), "guard": guard.state_dict(), "config": to_dict(cfg),
+                 "codebook": tracker.state_dict() if tracker is not None else None}
         save_checkpoint(run_dir, at_step, engines, state, info, keep=tc.keep_checkpoints)
 
     ae.train()
@@ -252,6 +295,15 @@ def run(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                         set_lr(ae_opt, lr)
                         ae.step()
                         ema.update(tokenizer)
+                    if tracker is not None:
+                        with timer.phase("codebook"):
+                            tracker.observe(indices)
+                            if cb.restart_dead:
+                                restart = tracker.restart(step_seed(tc.seed, step, 0, stream="restart"), ae_opt)
+                                if restart is not None:      # the EMA's copy restarts too: a blend is neither
+                                    shadow = ema.shadow["quantize.embedding.weight"]
+                                    shadow[restart.rows.to(shadow.device)] = restart.values.to(shadow)
+                                    restart_prints = synchronised_fingerprints(tokenizer.quantize.embedding.weight)
                     if gan_on:
                         with timer.phase("disc"), autocast(device, precision):
                             d_loss, d_logs = loss_fn.discriminator_loss(images, recon, step=step,
@@ -280,6 +332,10 @@ def run(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                     row.update({k: float(v) / max(1, sums_n) for k, v in sums.items()})
                     if usage is not None:
                         row.update(usage.summary(device))
+                    if tracker is not None:
+                        row.update({"codebook/dead": tracker.dead_count(), "codebook/restarted": tracker.restarted})
+                        if restart_prints is not None:
+                            row["codebook/restart_fingerprints"], restart_prints = restart_prints, None
                     row.update(timer.summary())
                     elapsed = time.perf_counter() - interval_t0
                     row["img_per_s"] = interval_images / elapsed if elapsed > 0 else 0.0

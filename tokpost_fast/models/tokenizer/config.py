@@ -149,3 +149,36 @@ def tokenizer_config(preset: str, **overrides) -> TokenizerConfig:
     base = TOKENIZER_PRESETS[preset]
     lists = {"ch_mult": list(base.ch_mult), "block_out_channels": list(base.block_out_channels)}
     return dataclasses.replace(base, **{**lists, **overrides})
+
+
+CODEBOOK_INITS = ("uniform", "kmeans")
+
+
+@dataclass
+class CodebookConfig:
+    """Codebook health in main training (config section `codebook`, models/tokenizer/quantizer.py). Training-only:
+    the exported tokenizer does not depend on these fields. The defaults are the paper's quantizer (SPEC A1):
+    uniform init, no restarts; dead codes are still counted for the log."""
+
+    init: str = "uniform"          # "uniform": U(-1/K, 1/K), l2-normalised (SPEC A1); "kmeans": k-means centroids
+                                   # of the encoder outputs of the first training images (ops.kmeans)
+    kmeans_images: int = 256       # training images (over all ranks) behind the k-means init; their tokens must
+                                   # number >= K
+    kmeans_iters: int = 10
+    restart_dead: bool = False     # re-initialise dead codes from current encoder outputs (DeadCodeTracker)
+    dead_threshold: float = 1.0    # a code assigned fewer tokens per step than this (an EMA over all ranks; the
+                                   # uniform share is global tokens per step / K) counts as unused ...
+    dead_window: int = 50          # ... and is dead after this many steps in a row unused
+    usage_decay: float = 0.99      # EMA decay of the per-code assignment counts
+
+    def __post_init__(self) -> None:
+        def check(name: str, ok: bool, why: str) -> None:
+            if not ok:
+                raise ValueError(f"codebook.{name}={getattr(self, name)!r}: {why}")
+
+        check("init", self.init in CODEBOOK_INITS, f"must be one of {CODEBOOK_INITS}")
+        check("kmeans_images", self.kmeans_images >= 1, "must be >= 1")
+        check("kmeans_iters", self.kmeans_iters >= 0, "must be >= 0")
+        check("dead_threshold", self.dead_threshold > 0, "must be > 0")
+        check("dead_window", self.dead_window >= 1, "must be >= 1")
+        check("usage_decay", 0.0 <= self.usage_decay < 1.0, "must be in [0, 1)")
