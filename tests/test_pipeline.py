@@ -1,19 +1,23 @@
-"""The demo pipeline end to end at test size (all stages in-process): report.md / report.json / PNGs, the before /
-after comparison on the same generator, and a re-run that skips every finished stage."""
+"""The demo pipeline end to end at test size (all stages in-process, proxy features for speed): three arms (main,
+control, post) from one tokenizer and generator, every metric on the held-out split with two seeds, the report
+with the post - control effect, and a re-run that skips every finished stage (or only re-evaluates)."""
 
 import json
 
 import pytest
+import torch
 
 from tests.stages.conftest import write_image_folder, write_main_config
-from tokpost_fast.pipeline import STAGES
+from tokpost_fast.pipeline import pipeline_stages
 from tokpost_fast.pipeline import main as pipeline_main
+
+SPLIT = {"val_fraction": 0.34}      # 4 of each class's 12 images held out: 8 val, 16 train
 
 
 def tiny_pipeline_config(root):
     data = write_image_folder(root / "images", classes=2, per_class=12)
     return write_main_config(
-        root / "tiny.yaml", data, batch_size=4,
+        root / "tiny.yaml", data, batch_size=4, data=SPLIT,
         train={"epochs": 1, "ckpt_interval": 100, "sample_interval": 0, "log_interval": 2},
         gen={"preset": "demo", "model": {"width": 32, "depth": 1, "heads": 2}, "global_batch_size": 8, "epochs": 2,
              "warmup_epochs": 0.5, "log_interval": 2, "sample_classes": 2, "sample_images": 2,
@@ -21,38 +25,83 @@ def tiny_pipeline_config(root):
         cache={"sigma": 0.5, "shard_size": 8, "batch_size": 8, "cfg_scale": 1.5, "cfg_power": 1.0},
         post={"global_batch_size": 4, "epochs": 1, "lr": 1e-3, "disc_lr": 1e-3, "min_lr": 1e-4,
               "warmup_epochs": 0.0, "ema_decay": 0.5, "log_interval": 2, "sample_images": 2},
-        eval={"num": 8, "num_generated": 8, "batch_size": 8, "cfg_scale": 1.5, "cfg_power": 1.0})
+        eval={"num": 8, "num_generated": 8, "batch_size": 8, "cfg_scale": 1.5, "cfg_power": 1.0, "seeds": 2})
+
+
+def check_arms_report(run, saved):
+    """What both pipelines' reports must hold: three arms, effects with their draws, the held-out split."""
+    assert saved["proxy"] is True and saved["seeds"] == [0, 1]
+    assert set(saved["summary"]) == {"main", "control", "post"}
+    for arm in saved["summary"].values():
+        assert set(arm) == {"rfid", "pfid", "gfid"}
+        assert arm["gfid"]["fid"]["n"] == 2 and arm["rfid"]["fid"]["n"] == 1 and arm["gfid"]["kid"]["n"] == 2
+    assert {m: e["n"] for m, e in saved["effects"].items()} == {"rfid": 1, "pfid": 2, "gfid": 2}
+    assert saved["split"]["val_images"] == 8 and saved["split"]["train_images"] == 16
+    assert saved["num"] == {"real": 8, "generated": 8}
+    result = json.loads((run / "eval" / "arms.json").read_text())
+    main, control, post = (result["arms"][a][0] for a in ("main", "control", "post"))
+    assert len({main["sha256"], control["sha256"], post["sha256"]}) == 3        # three different decoders
+    assert result["mse_gap"]["split"] == "val" and set(result["mse_gap"]["arms"]) == {"main", "control", "post"}
+    # the arms decoded the very same generated samples, one file per seed
+    for seed in (0, 1):
+        assert (run / "eval" / f"samples-seed{seed}.pt").is_file()
+    grids = {json.loads(line).get("grids") for arm in ("post", "control")
+             for line in (run / arm / "log.jsonl").read_text().splitlines() if '"start"' in line}
+    assert grids == {"generated", "clean"}
+    text = (run / "report.md").read_text()
+    assert "| metric | main | control | post | post - control | noise |" in text
+    assert "PROXY" in text and "Held-out images: **8**" in text and "post-training seed" in text
+
+
+def check_no_leak(run, config):
+    """The cache (and so post-training) holds train images only; the val images are what the metrics read."""
+    from tokpost_fast.config import load_config
+    from tokpost_fast.data import ImageFolderDataset
+    from tokpost_fast.stages.token_cache import load_rows, read_index
+
+    cfg = load_config(run / "pipeline_config.yaml")
+    val = {p for p, _ in ImageFolderDataset(cfg.data, train=False, split="val").samples}
+    rows = load_rows(run / "cache", read_index(run / "cache"))
+    assert len(rows.relative_paths) == 16 and not set(rows.relative_paths) & val
 
 
 @pytest.mark.slow
 def test_tiny_pipeline_end_to_end_and_rerun_skips(tmp_path):
     config = tiny_pipeline_config(tmp_path)
     run = tmp_path / "run"
-    args = ["--config", str(config), "--run-dir", str(run), "--launcher", "inprocess"]
+    args = ["--config", str(config), "--run-dir", str(run), "--launcher", "inprocess", "--extractor", "proxy"]
     report = pipeline_main(args)
 
-    for name in ("report.md", "report.json", "pfid_curve.png", "loss_curves.png", "samples_before.png",
-                 "samples_after.png", "samples_compare.png", "tokenizer.pt", "generator.pt", "cache/index.json",
-                 "tokenizer_post.pt", "eval/before/metrics.json", "eval/after/metrics.json"):
+    for name in ("report.md", "report.json", "pfid_curve.png", "loss_curves.png", "samples_main.png",
+                 "samples_control.png", "samples_post.png", "samples_compare.png", "tokenizer.pt", "generator.pt",
+                 "cache/index.json", "tokenizer_post.pt", "tokenizer_control.pt", "eval/arms.json"):
         assert (run / name).is_file(), name
     saved = json.loads((run / "report.json").read_text())
-    assert saved["proxy"] is True and set(saved["metrics"]) == {"rfid", "pfid", "gfid"}
-    for values in saved["metrics"].values():
-        assert values["before"] is not None and values["after"] is not None
-    assert [p["alpha"] for p in saved["pfid_curves"]["before"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert set(saved["seconds"]) == {name for name, _ in STAGES} - {"report"}
-    assert report["metrics"] == saved["metrics"]
-    before, after = (json.loads((run / "eval" / w / "metrics.json").read_text()) for w in ("before", "after"))
-    assert before["checkpoints"]["generator"]["sha256"] == after["checkpoints"]["generator"]["sha256"]
-    assert before["settings"]["generation"] == after["settings"]["generation"]
-    text = (run / "report.md").read_text()
-    assert "PROXY" in text and "gFID" in text and "Wall time per stage" in text
+    assert saved == json.loads(json.dumps(report))
+    check_arms_report(run, saved)
+    check_no_leak(run, config)
+    assert [p["x"] for p in saved["pfid_curves"]["post"]] == [0.0, 0.5, 1.0]
+    assert set(saved["seconds"]) == {name for name, _ in pipeline_stages(1)} - {"report"}
+    assert all(t["load_average"] is not None for t in saved["timing"].values())
+    # the control arm's decoder read the clean grids: its exported weights differ from the method's
+    post = torch.load(run / "tokenizer_post.pt", weights_only=False)
+    assert post["post_config"]["grids"] == "generated" and post["post_config"]["name"] == "post"
+    assert torch.load(run / "tokenizer_control.pt", weights_only=False)["post_config"]["grids"] == "clean"
 
     state = json.loads((run / "pipeline.json").read_text())
     pipeline_main(args)                                           # everything done: only the report is rewritten
     again = json.loads((run / "pipeline.json").read_text())
-    for name, _ in STAGES[:-1]:
+    for name, _ in pipeline_stages(1)[:-1]:
         assert again["stages"][name] == state["stages"][name], name
+    first = json.loads((run / "eval" / "arms.json").read_text())
+    assert len(list((run / "eval").glob("draws-*.json"))) == 3    # one per checkpoint: the stage resumes from them
+    pipeline_main(args + ["--seeds", "1"])                        # other evaluation settings: only evaluate reruns
+    third = json.loads((run / "pipeline.json").read_text())
+    assert third["stages"]["evaluate"] != state["stages"]["evaluate"]
+    assert third["stages"]["post"] == state["stages"]["post"]
+    assert json.loads((run / "report.json").read_text())["seeds"] == [0]
+    assert json.loads((run / "eval" / "arms.json").read_text())["arms"]["post"][0]["gfid"] == \
+        first["arms"]["post"][0]["gfid"][:1]                      # seed 0's draw, reused
 
     with pytest.raises(SystemExit, match="another config"):
         pipeline_main(args + ["--set", "post.lr=2e-3"])

@@ -1,6 +1,7 @@
-"""The continuous demo pipeline end to end at test size (issue 8; all stages in-process): a KL tokenizer and a DiT,
-picked from the config alone, through data -> main -> gen -> cache -> post -> evaluate -> report; the report's
-before / after table with the perturbed-latent FID labelled as our analogue; a mismatched config refused early."""
+"""The continuous demo pipeline end to end at test size (issue 8; all stages in-process, proxy features): a KL
+tokenizer and a DiT, picked from the config alone, through data -> main -> gen -> cache -> post | control ->
+evaluate -> report, with the same three arms and held-out metrics as the VQ pipeline; the perturbed-latent FID
+labelled as our analogue; a mismatched config refused early."""
 
 import json
 
@@ -8,7 +9,8 @@ import pytest
 import yaml
 
 from tests.stages.conftest import write_image_folder, write_main_config
-from tokpost_fast.pipeline import STAGES
+from tests.test_pipeline import SPLIT, check_arms_report, check_no_leak
+from tokpost_fast.pipeline import pipeline_stages
 from tokpost_fast.pipeline import main as pipeline_main
 
 # 32x32 -> 8x8 x 4 latents (two 2x downsamples)
@@ -21,7 +23,7 @@ PFID_NOISE = 0.25
 def tiny_continuous_config(root, **replace):
     data = write_image_folder(root / "images", classes=2, per_class=12)
     path = write_main_config(
-        root / "tiny_continuous.yaml", data, batch_size=4,
+        root / "tiny_continuous.yaml", data, batch_size=4, data=SPLIT,
         perturb={"noise": 0.5},
         train={"epochs": 1, "ckpt_interval": 100, "sample_interval": 0, "log_interval": 2},
         gen={"generator": "dit", "preset": "demo_dit", "model": {"width": 32, "depth": 1, "heads": 2, "patch_size": 2},
@@ -33,7 +35,7 @@ def tiny_continuous_config(root, **replace):
         post={"global_batch_size": 4, "epochs": 1, "lr": 1e-3, "disc_lr": 1e-3, "min_lr": 1e-4,
               "warmup_epochs": 0.0, "ema_decay": 0.5, "log_interval": 2, "sample_images": 2},
         eval={"num": 8, "num_generated": 8, "batch_size": 8, "cfg_scale": 1.5, "sample_steps": 3,
-              "pfid_noise": PFID_NOISE})
+              "pfid_noise": PFID_NOISE, "seeds": 2})
     raw = yaml.safe_load(path.read_text())
     raw["tokenizer"] = dict(TINY_KL)
     for section, values in replace.items():
@@ -46,48 +48,36 @@ def tiny_continuous_config(root, **replace):
 def test_tiny_continuous_pipeline_end_to_end(tmp_path):
     config = tiny_continuous_config(tmp_path)
     run = tmp_path / "run"
-    args = ["--config", str(config), "--run-dir", str(run), "--launcher", "inprocess"]
+    args = ["--config", str(config), "--run-dir", str(run), "--launcher", "inprocess", "--extractor", "proxy"]
     report = pipeline_main(args)
 
-    for name in ("report.md", "report.json", "pfid_curve.png", "loss_curves.png", "samples_before.png",
-                 "samples_after.png", "samples_compare.png", "tokenizer.pt", "generator.pt", "cache/index.json",
-                 "tokenizer_post.pt", "eval/before/metrics.json", "eval/after/metrics.json", "latents/latents.pt"):
+    for name in ("report.md", "report.json", "pfid_curve.png", "loss_curves.png", "samples_compare.png",
+                 "tokenizer.pt", "generator.pt", "cache/index.json", "tokenizer_post.pt", "tokenizer_control.pt",
+                 "eval/arms.json", "latents/latents.pt"):
         assert (run / name).is_file(), name
     # the stages took their settings from the config: a DiT, and a latent cache at the configured post_strength
     assert json.loads((run / "cache" / "index.json").read_text())["post_strength"] == POST_STRENGTH
     saved = json.loads((run / "report.json").read_text())
     assert saved == json.loads(json.dumps(report))
-    assert saved["kind"] == "continuous" and saved["proxy"] is True
-    assert set(saved["metrics"]) == {"rfid", "pfid", "gfid"}
-    for values in saved["metrics"].values():
-        assert values["before"] is not None and values["after"] is not None
-    assert saved["pfid_curve_axis"] == "noise"
-    assert [p["noise"] for p in saved["pfid_curves"]["before"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert saved["decoder_diagnostics"]["kind"] == "latents"
-    assert saved["decoder_diagnostics"]["post_strength"] == POST_STRENGTH
-    assert saved["decoder_diagnostics"]["noise"] == PFID_NOISE                    # the MSE under the metric's noise
-    assert saved["decoder_diagnostics"]["mse_noised_grids_before"] > saved["decoder_diagnostics"]["mse_clean_grids_before"]
-    assert saved["samples"]["sampling"] == {"cfg_scale": 1.5, "steps": 3}
-    assert set(saved["seconds"]) == {name for name, _ in STAGES} - {"report"}
-
-    before, after = (json.loads((run / "eval" / w / "metrics.json").read_text()) for w in ("before", "after"))
-    for result in (before, after):
-        assert result["tokenizer_kind"] == "continuous"
-        assert result["settings"]["pfid"]["kind"] == "gaussian" and result["settings"]["pfid"]["noise"] == PFID_NOISE
-        assert result["checkpoints"]["generator"]["kind"] == "dit"
-    assert before["checkpoints"]["generator"]["sha256"] == after["checkpoints"]["generator"]["sha256"]
-    assert before["settings"]["generation"] == after["settings"]["generation"]
-    assert before["settings"]["generation"]["steps"] == 3
-    assert before["values"]["rfid_proxy"] != after["values"]["rfid_proxy"]     # the decoder did change
+    assert saved["kind"] == "continuous"
+    check_arms_report(run, saved)
+    check_no_leak(run, config)
+    assert saved["pfid_curve_axis"] == "noise" and [p["x"] for p in saved["pfid_curves"]["main"]] == [0.0, 0.5, 1.0]
+    assert saved["pfid_settings"]["kind"] == "gaussian" and saved["pfid_settings"]["noise"] == PFID_NOISE
+    gap = saved["mse_gap"]
+    assert gap["kind"] == "latents" and gap["post_strength"] == POST_STRENGTH and gap["relative_change"] > 0
+    assert set(saved["seconds"]) == {name for name, _ in pipeline_stages(1)} - {"report"}
+    result = json.loads((run / "eval" / "arms.json").read_text())
+    assert result["settings"]["generation_kind"] == "dit" and result["settings"]["generation"]["steps"] == 3
     text = (run / "report.md").read_text()
-    assert "continuous (KL tokenizer + DiT)" in text and "PROXY" in text and "gFID" in text
+    assert "continuous (KL tokenizer + DiT)" in text and "gFID" in text
     assert f"perturbed-latent FID (our pFID analogue) [noise={PFID_NOISE:g}]" in text
     assert "not the paper's VQ pFID" in text and "Wall time per stage" in text
 
     state = json.loads((run / "pipeline.json").read_text())
     pipeline_main(args)                                           # everything done: only the report is rewritten
     again = json.loads((run / "pipeline.json").read_text())
-    for name, _ in STAGES[:-1]:
+    for name, _ in pipeline_stages(1)[:-1]:
         assert again["stages"][name] == state["stages"][name], name
 
 

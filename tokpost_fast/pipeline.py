@@ -1,15 +1,24 @@
-"""The demo pipeline (SPEC B6): data -> main -> gen -> cache -> post -> evaluate before / after -> report.
+"""The demo pipeline (SPEC B6): data -> main -> gen -> cache -> post | control -> evaluate -> report.
 
     python -m tokpost_fast.pipeline --config configs/demo.yaml --run-dir runs/demo [--data DIR] [--ranks 2]
-        [--launcher deepspeed|python|inprocess] [--set key=value ...] [--inception-weights PATH] [--fresh]
+        [--launcher deepspeed|python|inprocess] [--set key=value ...] [--seeds N] [--post-seeds M]
+        [--inception-weights PATH] [--extractor inception|proxy] [--fresh]
 
 Training stages run as their own `deepspeed --num_gpus R tokpost_fast/train.py --stage X` processes (on a CPU:
 gloo ranks with cores / R intra-op threads each; on the 2-core machine the main stage ran ~3x faster so than as
 one 2-thread process); `--launcher python` runs them as one plain process each, `inprocess` inside this one
-(tests). The evaluation is
-tokpost_fast.metrics.evaluate_run on the same class-balanced real images, the same generator and the same sampling
-seed, with RUN/tokenizer.pt ("before") and with RUN/tokenizer_post.pt ("after"), the two in parallel
-single-thread processes.
+(tests). Every training stage reads the train split of the data only (data/folder.py); every metric is measured
+on the held-out split.
+
+Three arms from the same main-stage tokenizer and generator (SPEC A5):
+    main      RUN/tokenizer.pt, as the main stage left it;
+    control   RUN/tokenizer_control.pt: the decoder post-trained with the post recipe and steps on the CLEAN grids
+              of the cached images (post.grids=clean: sigma = 1, "just more decoder training");
+    post      RUN/tokenizer_post.pt: the same, on the cached generated grids (the method, sigma = cache.sigma).
+`--post-seeds M` trains control and post M times (post.seed + k: RUN/tokenizer_{post,control}_s<k>.pt for k >= 1).
+The `evaluate` stage (metrics/arms.py) measures every checkpoint on the same held-out images and, for each of the
+`--seeds N` evaluation seeds, on the same generated samples; the report names the post-training effect as post -
+control, with the noise rule of metrics/effects.py.
 
 VQ or continuous, from the config alone: a VQ tokenizer (tokenizer.arch vq_cnn / vit) with the AR generator
 (gen.generator: ar; configs/demo.yaml), or a continuous one (arch kl_cnn) with the DiT (gen.generator: dit;
@@ -17,8 +26,9 @@ configs/demo_continuous.yaml, `make demo PIPELINE=continuous`). Every stage read
 config (the DiT, the latent cache's post_strength, ...), so the stages run with the same flags either way; a config
 that pairs the wrong generator with its tokenizer is refused before the main stage starts.
 
-Resumable: RUN/pipeline.json records every finished stage and its wall time; a re-run skips those, restarts an
-unfinished training stage with --resume (the cache stage continues at its first missing shard) and rewrites the
+Resumable: RUN/pipeline.json records every finished stage and its wall time, CPU time and load average; a re-run
+skips those, restarts an unfinished training stage with --resume (the cache stage continues at its first missing
+shard), re-evaluates when the evaluation settings (--seeds, --post-seeds, the extractor) changed, and rewrites the
 report. The resolved config (with --data and --set applied) is RUN/pipeline_config.yaml; a re-run with another
 config is refused (use a new --run-dir, or --fresh to delete the old one).
 """
@@ -44,13 +54,13 @@ log = logging.getLogger("tokpost_fast.pipeline")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = ("deepspeed", "python", "inprocess")
-# (stage, the file that exists once it is done, relative to the run folder)
-STAGES = (("data", ()), ("main", ("tokenizer.pt",)), ("gen", ("generator.pt",)), ("cache", ("cache/index.json",)),
-          ("post", ("tokenizer_post.pt",)), ("evaluate", ("eval/before/metrics.json", "eval/after/metrics.json")),
-          ("report", ("report.md",)))
-EVALUATIONS = (("before", "tokenizer.pt"), ("after", "tokenizer_post.pt"))
-RESUMABLE = {"main": "checkpoints", "gen": "gen/checkpoints", "post": "post/checkpoints"}
-EVAL_METRICS = ("rfid", "pfid", "gfid")
+# (stage, the files that exist once it is done, relative to the run folder); the arm stages come from arm_stages()
+BASE_STAGES = (("data", ()), ("main", ("tokenizer.pt",)), ("gen", ("generator.pt",)), ("cache", ("cache/index.json",)))
+TAIL_STAGES = (("evaluate", ("eval/arms.json",)), ("report", ("report.md",)))
+RESUMABLE = {"main": "checkpoints", "gen": "gen/checkpoints"}
+# the post stage's grids per arm: the method trains on the generated grids, the control on the clean ones
+ARM_GRIDS = {"post": "generated", "control": "clean"}
+PFID_CURVE = (0.0, 0.5, 1.0)    # the pipeline's pFID curve points (alpha, or noise): 0 is rFID, 1 the default pFID
 GENERATOR_OF = {"vq": "ar", "continuous": "dit"}    # pipeline kind -> the gen.generator it needs
 
 
@@ -92,7 +102,7 @@ class PipelineState:
         return {name: rec["seconds"] for name, rec in self.data["stages"].items()}
 
     def timing(self) -> dict[str, dict]:
-        keys = ("seconds", "cpu_seconds", "load_average")
+        keys = ("seconds", "cpu_seconds", "load_average", "load_average_max")
         return {name: {k: rec.get(k) for k in keys} for name, rec in self.data["stages"].items()}
 
 
@@ -121,8 +131,34 @@ def child_env(threads: int) -> dict:
     return env
 
 
-def run_training_stage(stage: str, config: Path, run_dir: Path, launcher: str, ranks: int, resume: bool) -> None:
+def arm_stages(post_seeds: int) -> list[tuple[str, str, int]]:
+    """[(stage name, arm, post-training seed offset)]: post and control for seed offset 0, then post_s<k> and
+    control_s<k> for k = 1 .. post_seeds - 1."""
+    return [(arm if k == 0 else f"{arm}_s{k}", arm, k) for k in range(post_seeds) for arm in ("post", "control")]
+
+
+def pipeline_stages(post_seeds: int) -> list[tuple[str, tuple[str, ...]]]:
+    return (list(BASE_STAGES) + [(name, (f"tokenizer_{name}.pt",)) for name, _, _ in arm_stages(post_seeds)]
+            + list(TAIL_STAGES))
+
+
+def arm_overrides(cfg, name: str, arm: str, offset: int) -> list[str]:
+    """The --set flags of one arm's post stage: its output name, its grids, its seed."""
+    return [f"post.name={name}", f"post.grids={ARM_GRIDS[arm]}", f"post.seed={cfg.post.seed + offset}"]
+
+
+def arm_checkpoints(post_seeds: int) -> dict[str, list[str]]:
+    """{arm: [checkpoint file, ...]} in the order main, control, post."""
+    arms = {"main": ["tokenizer.pt"], "control": [], "post": []}
+    for name, arm, _ in arm_stages(post_seeds):
+        arms[arm].append(f"tokenizer_{name}.pt")
+    return arms
+
+
+def run_training_stage(stage: str, config: Path, run_dir: Path, launcher: str, ranks: int, resume: bool,
+                       overrides: Sequence[str] = ()) -> None:
     args = ["--stage", stage, "--config", str(config), "--run-dir", str(run_dir)] + (["--resume"] if resume else [])
+    args += [item for value in overrides for item in ("--set", value)]
     if launcher == "inprocess":
         from tokpost_fast.train import main as train_main
 
@@ -154,14 +190,14 @@ def ensure_data(root: Path) -> dict:
     return {"root": str(root), "built": True, "images": manifest["num_images"]}
 
 
-def balanced_real_images(cfg, total: Optional[int]):
-    """(images [N, 3, S, S] in [-1, 1], labels [N]): `total` images (None: all) spread evenly over the classes,
-    and evenly within each class. The evaluation's own "first N" would hold the first classes only."""
+def heldout_images(cfg, total: Optional[int]):
+    """(images [N, 3, S, S] in [-1, 1], labels [N], split record) of the held-out split: `total` images (None: all)
+    spread evenly over the classes, and evenly within each class."""
     import torch
 
     from tokpost_fast.data import ImageFolderDataset
 
-    dataset = ImageFolderDataset(cfg.data, train=False, seed=0, epoch=0)
+    dataset = ImageFolderDataset(cfg.data, train=False, seed=0, epoch=0, split="val")
     by_class: dict[int, list[int]] = {}
     for index, (_, label) in enumerate(dataset.samples):
         by_class.setdefault(label, []).append(index)
@@ -173,41 +209,32 @@ def balanced_real_images(cfg, total: Optional[int]):
         chosen += [members[i * len(members) // take] for i in range(take)]
     images = torch.stack([dataset[i][0] for i in chosen])
     labels = torch.tensor([dataset.samples[i][1] for i in chosen])
-    return images, labels
+    split = {"how": dataset.split_how, "train_images": dataset.split_sizes["train"],
+             "val_images": dataset.split_sizes["val"], "measured": len(chosen), "classes": len(by_class)}
+    return images, labels, split
 
 
-def run_evaluation(cfg, run_dir: Path, which: str, tokenizer_file: str, real_images, inception_weights,
-                   progress: bool = True) -> dict:
-    """evaluate_run on RUN/<tokenizer_file> with RUN/generator.pt -> RUN/eval/<which>/ (metrics.json, pFID curve);
-    the real-image statistics are cached in RUN/fid_stats. Returns the metric values."""
+def run_evaluate(cfg, run_dir: Path, settings: dict, progress: bool = True) -> dict:
+    """metrics/arms.py on every arm's checkpoints -> RUN/eval/arms.json; returns its summary of the effect."""
+    import dataclasses
+
     import torch
 
-    from tokpost_fast.metrics.run import evaluate_run
+    from tokpost_fast.metrics.arms import evaluate_arms
+    from tokpost_fast.metrics.effects import effects
 
-    # One intra-op thread: next to another busy process, 2 OpenMP threads on 2 cores spin-wait at every one of
-    # the sampler's many small ops (measured: 64 samples in 60 s instead of 1 s).
+    # Inception convolutions use both cores; the generator's sampler sets itself to one (metrics/arms.py)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    eval_cfg = dataclasses.replace(cfg.eval, extractor=settings["extractor"])
+    cfg = dataclasses.replace(cfg, eval=eval_cfg)
+    images, labels, split = heldout_images(cfg, cfg.eval.num)
+    seeds = [cfg.eval.gen_seed + k for k in range(settings["seeds"])]
+    result = evaluate_arms(run_dir, arm_checkpoints(settings["post_seeds"]), cfg, images, labels, seeds,
+                           curve=PFID_CURVE, progress=progress, inception_weights=settings["inception_weights"],
+                           split=split)
     torch.set_num_threads(1)
-    out_dir = run_dir / "eval" / which
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = evaluate_run(out_dir, metrics=list(EVAL_METRICS), pfid_curve=True, tokenizer=run_dir / tokenizer_file,
-                          generator=run_dir / "generator.pt", config=cfg, images=real_images,
-                          stats_dir=run_dir / "fid_stats", out=out_dir / "metrics.json",
-                          inception_weights=inception_weights, progress=progress)
-    return result["values"]
-
-
-def run_evaluations(cfg, run_dir: Path, real_images, inception_weights, workers: int) -> dict:
-    """Before and after, each in its own single-thread process when workers > 1 (spawned: the parent has run
-    OpenMP code, which a forked child may deadlock on)."""
-    jobs = [(cfg, run_dir, which, name, real_images, inception_weights, workers == 1) for which, name in EVALUATIONS]
-    if workers <= 1:
-        return {job[2]: run_evaluation(*job) for job in jobs}
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_evaluation, *job) for job in jobs]
-        return {which: future.result() for (which, _), future in zip(EVALUATIONS, futures)}
+    found = effects(result["arms"])
+    return {m: {"fid": e["fid"]["mean"], "kid": e["kid"]["mean"]} for m, e in found.items()}
 
 
 # --- the pipeline -------------------------------------------------------------------------------------------------
@@ -221,12 +248,49 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="config override, as train.py's --set (repeatable)")
     p.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed")
     p.add_argument("--ranks", type=int, default=None, help="deepspeed ranks (default: 2 on a CPU, else the GPUs)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="evaluation seeds (generation and pFID perturbation), default the config's eval.seeds")
+    p.add_argument("--post-seeds", type=int, default=1,
+                   help="post-train the control and post arms this many times (post.seed, post.seed + 1, ...)")
+    p.add_argument("--extractor", choices=("inception", "proxy"), default=None,
+                   help="inception (default: the FID Inception, bundled weights) or proxy (tests only, NOT FID)")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help="FID Inception-v3 weights; without them every FID is the offline proxy and says so")
-    p.add_argument("--eval-workers", type=int, default=None,
-                   help="processes for the before / after evaluations (default: 2 when there are >= 2 cores)")
+                   help="the pt_inception-2015-12-05 weights file (adds IS); default: the bundled weights (no IS)")
     p.add_argument("--fresh", action="store_true", help="delete RUN_DIR first")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("seeds", "post_seeds"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return args
+
+
+class LoadSampler:
+    """The 1-minute load average sampled every few seconds while a stage runs: mean and max. Besides the stage's
+    own processes (2 ranks on 2 cores: ~2), anything above the core count is other work slowing it down."""
+
+    def __init__(self, every: float = 5.0):
+        import threading
+
+        self.every, self.samples, self.stop = every, [os.getloadavg()[0]], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    def record(self) -> dict:
+        return {"load_average": round(sum(self.samples) / len(self.samples), 2),
+                "load_average_max": round(max(self.samples), 2)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -252,37 +316,44 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     digest = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
     state = PipelineState(run_dir, digest)
     dump_config(cfg, config_path)
+    eval_settings = {"seeds": args.seeds or cfg.eval.seeds, "post_seeds": args.post_seeds,
+                     "extractor": args.extractor or cfg.eval.extractor,
+                     "inception_weights": os.path.abspath(args.inception_weights) if args.inception_weights else None}
     print(f"pipeline: {run_dir} ({kind}: {cfg.tokenizer.arch} tokenizer + {cfg.gen.generator} generator; "
           f"{args.launcher}, {ranks} rank(s)); config {config_path}", flush=True)
 
-    torch.set_num_threads(1)             # this process only evaluates and reports: see run_evaluation
+    torch.set_num_threads(1)             # this process evaluates (run_evaluate sets its own threads) and reports
     results: dict = {}
-    for name, outputs in STAGES:
-        if name != "report" and state.done(name, outputs, run_dir):
+    arms = {name: (arm, offset) for name, arm, offset in arm_stages(args.post_seeds)}
+    for name, outputs in pipeline_stages(args.post_seeds):
+        stale = name == "evaluate" and state.data["stages"].get(name, {}).get("settings") != eval_settings
+        if name != "report" and not stale and state.done(name, outputs, run_dir):
             print(f"pipeline: {name}: done ({state.seconds()[name]:.0f} s), skipped", flush=True)
             continue
         print(f"pipeline: {name} ...", flush=True)
         t0, cpu0 = time.perf_counter(), cpu_seconds()
         extra = {}
-        if name == "data":
-            extra = ensure_data(data_root)
-        elif name in RESUMABLE or name == "cache":
-            resume = name in RESUMABLE and (run_dir / RESUMABLE[name] / "latest").is_file()
-            run_training_stage(name, config_path, run_dir, args.launcher, ranks, resume)
-        elif name == "evaluate":
-            real, _ = balanced_real_images(cfg, cfg.eval.num)
-            workers = args.eval_workers or (2 if (os.cpu_count() or 1) >= 2 else 1)
-            extra = {"values": run_evaluations(cfg, run_dir, real, args.inception_weights, workers),
-                     "workers": workers}
-        else:
-            from tokpost_fast.pipeline_report import write_report
+        with LoadSampler() as load:
+            if name == "data":
+                extra = ensure_data(data_root)
+            elif name in RESUMABLE or name == "cache":
+                resume = name in RESUMABLE and (run_dir / RESUMABLE[name] / "latest").is_file()
+                run_training_stage(name, config_path, run_dir, args.launcher, ranks, resume)
+            elif name in arms:
+                resume = (run_dir / name / "checkpoints" / "latest").is_file()
+                run_training_stage("post", config_path, run_dir, args.launcher, ranks, resume,
+                                   arm_overrides(cfg, name, *arms[name]))
+            elif name == "evaluate":
+                extra = {"effects": run_evaluate(cfg, run_dir, eval_settings), "settings": eval_settings}
+            else:
+                from tokpost_fast.pipeline_report import write_report
 
-            results = write_report(run_dir, cfg, state.timing(), ranks=ranks, launcher=args.launcher,
-                                   cores=os.cpu_count())
+                results = write_report(run_dir, cfg, state.timing(), ranks=ranks, launcher=args.launcher,
+                                       cores=os.cpu_count(), post_seeds=args.post_seeds)
         # CPU seconds (this process and its stage processes) and the load average tell a slow stage on a busy
         # machine from a slow stage: on an idle machine wall time ~ CPU time / cores.
-        state.record(name, time.perf_counter() - t0, cpu_seconds=round(cpu_seconds() - cpu0, 1),
-                     load_average=round(os.getloadavg()[0], 2), **extra)
+        state.record(name, time.perf_counter() - t0, cpu_seconds=round(cpu_seconds() - cpu0, 1), **load.record(),
+                     **extra)
         print(f"pipeline: {name}: {time.perf_counter() - t0:.1f} s", flush=True)
     total = sum(v for k, v in state.seconds().items())
     print(f"pipeline: done in {total:.0f} s of stage time; report {run_dir / 'report.md'}", flush=True)

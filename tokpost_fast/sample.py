@@ -1,11 +1,14 @@
 """Sample a class-conditional image grid from a run directory.
 
-    python -m tokpost_fast.sample --run-dir DIR --classes 0,1,2 --num N --out grid.png \
+    python -m tokpost_fast.sample --run-dir DIR [--classes 0,1,2] --num N --out grid.png \
+        [--tokenizer DIR/tokenizer_post.pt] \
         [--cfg-scale 4.0 --cfg-power 1.0 --temperature 1.0 --top-k 0 --top-p 1.0 --seed 0 --device cuda]
     python -m tokpost_fast.sample --run-dir DIR ... [--steps 50 --cfg-scale 1.5]     (a DiT generator.pt)
 
-Loads DIR/generator.pt and DIR/tokenizer.pt, refuses a pair whose tokenizer hash (recorded in generator.pt at
-training time) does not match, samples N images per class (one row per class) and writes the grid as a PNG.
+Loads DIR/generator.pt and DIR/tokenizer.pt (or --tokenizer: e.g. the post-trained DIR/tokenizer_post.pt or the
+control arm's DIR/tokenizer_control.pt), refuses a pair whose tokenizer hash (recorded in generator.pt at training
+time) is neither this tokenizer's nor the one it was post-trained from, samples N images per class (one row per
+class; every class of the generator when --classes is not given) and writes the grid as a PNG.
 A DiT (continuous tokenizer) samples latents with the Euler sampler and decodes model.decode(x0 / scaling_factor).
 """
 
@@ -83,7 +86,11 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int) ->
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description="Sample a class-conditional image grid (one row per class).")
     parser.add_argument("--run-dir", required=True, help="holds generator.pt and tokenizer.pt")
-    parser.add_argument("--classes", required=True, help="comma-separated class ids, e.g. 0,1,2")
+    parser.add_argument("--classes", default=None,
+                        help="comma-separated class ids, e.g. 0,1,2 (default: every class of the generator)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer checkpoint to decode with (default RUN_DIR/tokenizer.pt; e.g. "
+                             "RUN_DIR/tokenizer_post.pt)")
     parser.add_argument("--num", type=int, default=8, help="images per class")
     parser.add_argument("--out", required=True, help="PNG path")
     parser.add_argument("--cfg-scale", type=float, default=1.0,
@@ -101,11 +108,21 @@ def main(argv=None) -> str:
     from tokpost_fast.models.tokenizer import load_tokenizer
 
     device = torch.device(args.device)
-    tokenizer_path = os.path.join(args.run_dir, "tokenizer.pt")
+    tokenizer_path = args.tokenizer or os.path.join(args.run_dir, "tokenizer.pt")
+    if not os.path.isfile(tokenizer_path):
+        parser.error(f"--tokenizer {tokenizer_path}: no such file")
     gpt = load_generator(os.path.join(args.run_dir, "generator.pt"), map_location=device).eval()
     tokenizer = load_tokenizer(tokenizer_path).to(device).eval()
     check_pair(gpt, tokenizer, tokenizer_path)
-    classes = [int(c) for c in args.classes.split(",") if c.strip()]
+    if args.classes is None:
+        classes = list(range(gpt.config.num_classes))
+    else:
+        try:
+            classes = [int(c) for c in args.classes.split(",") if c.strip()]
+        except ValueError:
+            parser.error(f"--classes {args.classes!r}: expected comma-separated integers, e.g. 0,1,2")
+        if not classes:
+            parser.error("--classes: no class id given")
     bad = [c for c in classes if not 0 <= c < gpt.config.num_classes]
     if bad:
         parser.error(f"--classes {bad} outside [0, {gpt.config.num_classes})")

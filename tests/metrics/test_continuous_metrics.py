@@ -36,7 +36,7 @@ def tiny_dit(**overrides):
 
 @pytest.fixture(scope="module")
 def proxy():
-    return build_extractor()
+    return build_extractor(extractor="proxy")
 
 
 @pytest.fixture(scope="module")
@@ -129,11 +129,12 @@ def test_gfid_samples_are_class_balanced_seeded_and_unscaled(kl_tokenizer, proxy
 
 def test_metrics_json_of_a_continuous_run(kl_run, photos, capsys):
     result = evaluate_run(kl_run, metrics="rfid,pfid,gfid,is", images=photos[:32], num_generated=12, batch_size=8,
-                          sample_steps=3, cfg_scale=1.5, pfid_curve=True, progress=False)
+                          sample_steps=3, cfg_scale=1.5, pfid_curve=True, progress=False, extractor="proxy")
     table = capsys.readouterr().out
     assert json.loads((kl_run / "metrics.json").read_text()) == result
     values = result["values"]
-    assert set(values) == {"rfid_proxy", "pfid_proxy", "gfid_proxy", "is_proxy", "is_std_proxy"}
+    assert set(values) == {f"{m}{k}_proxy" for m in ("rfid", "pfid", "gfid") for k in ("", "_kid", "_kid_std")} | {
+        "is_proxy", "is_std_proxy"}
     assert result["tokenizer_kind"] == "continuous"
     pfid = result["settings"]["pfid"]
     assert pfid["kind"] == "gaussian" and pfid["noise"] == 0.5 and pfid["seed"] == 0 and pfid["beta"] == 1.0
@@ -155,7 +156,8 @@ def test_metrics_json_of_a_continuous_run(kl_run, photos, capsys):
 
 
 def test_pfid_flags_of_the_other_kind_are_refused(kl_run, photos):
-    kwargs = dict(metrics="pfid", images=photos[:8], progress=False, print_table=False, out=kl_run / "x.json")
+    kwargs = dict(metrics="pfid", images=photos[:8], progress=False, print_table=False, out=kl_run / "x.json",
+                  extractor="proxy")
     with pytest.raises(ValueError, match="--pfid-delta: the tokenizer is continuous; its pFID takes --pfid-noise"):
         evaluate_run(kl_run, pfid_delta=10, **kwargs)
     with pytest.raises(ValueError, match=r"eval.pfid_noise=-1.0: must be >= 0"):
@@ -182,7 +184,7 @@ def test_a_dit_of_another_tokenizer_is_refused(tmp_path, kl_tokenizer, photos):
     dit = tiny_dit()
     save_generator(dit, tmp_path / "generator.pt", extra={"tokenizer_hash": "0" * 64})
     kwargs = dict(metrics="gfid", images=photos[:8], num_generated=4, batch_size=4, sample_steps=2, progress=False,
-                  print_table=False)
+                  print_table=False, extractor="proxy")
     with pytest.raises(ValueError, match="is not the tokenizer this generator was trained on"):
         evaluate_run(tmp_path, **kwargs)
     with pytest.raises(ValueError, match=r"DiT \(3-channel 8x8 latents\) does not match the tokenizer "
@@ -215,17 +217,17 @@ def test_cli_on_a_continuous_run_folder(kl_run, photos, tmp_path, capsys):
         (root / f"class{i % 3}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(root / f"class{i % 3}" / f"{i:03d}.png")
     (kl_run / "config.yaml").write_text(
-        f"data: {{root: '{root}', image_size: 16, batch_size: 8, num_workers: 0, backend: torch}}\n"
+        f"data: {{root: '{root}', image_size: 16, batch_size: 8, num_workers: 0, backend: torch, val_fraction: 0.5}}\n"
         "tokenizer: {arch: kl_cnn, image_size: 16, block_out_channels: [16, 32], layers_per_block: 1,\n"
         f"            latent_channels: 4, norm_num_groups: 8, scaling_factor: {SCALING_FACTOR}}}\n"
         "gen: {generator: dit, sample_steps: 2}\n"
         "eval: {pfid_noise: 0.25, num_generated: 6, batch_size: 6}\n")
     try:
-        result = main(["--run-dir", str(kl_run), "--metrics", "rfid,pfid,gfid", "--no-progress",
+        result = main(["--run-dir", str(kl_run), "--metrics", "rfid,pfid,gfid", "--no-progress", "--extractor", "proxy",
                        "--out", str(tmp_path / "m.json"), "--stats-dir", str(tmp_path / "st")])
     finally:
         (kl_run / "config.yaml").unlink()
-    assert result["num"] == {"real": 12, "generated": 6}
+    assert result["num"] == {"real": 6, "generated": 6}        # the held-out half: 2 of each class's 4
     assert result["settings"]["pfid"]["noise"] == 0.25 and result["settings"]["generation"]["steps"] == 2
-    assert set(result["values"]) == {"rfid_proxy", "pfid_proxy", "gfid_proxy"}
+    assert {"rfid_proxy", "pfid_proxy", "gfid_proxy", "gfid_kid_proxy"} <= set(result["values"])
     assert "[noise=0.25; our analogue" in capsys.readouterr().out

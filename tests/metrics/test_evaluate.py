@@ -2,6 +2,7 @@
 and bad input as one-line errors."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -24,12 +25,14 @@ def run_dir(tmp_path_factory, trained_tokenizer):
 
 
 def test_metrics_json_and_cache(run_dir, photos, capsys):
-    kwargs = dict(images=photos[:40], num=32, progress=False, pfid_delta=10)
+    kwargs = dict(images=photos[:40], num=32, progress=False, pfid_delta=10, extractor="proxy")
     first = evaluate_run(run_dir, metrics="rfid,pfid", generator=False, **kwargs)
     table = capsys.readouterr().out
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved == first
-    assert set(first["values"]) == {"rfid_proxy", "pfid_proxy"} and first["proxy"] is True
+    assert set(first["values"]) == {f"{m}{k}_proxy" for m in ("rfid", "pfid") for k in ("", "_kid", "_kid_std")}
+    assert first["proxy"] is True and first["extractor"]["weights"] == "proxy"
+    assert first["values"]["pfid_kid_proxy"] > first["values"]["rfid_kid_proxy"] > 0
     assert first["values"]["pfid_proxy"] > first["values"]["rfid_proxy"] > 0
     assert first["num"]["real"] == 32
     assert first["settings"]["pfid"] == {"alpha": 1.0, "delta": 10, "seed": 0, "beta": 1.0, "metric": "cosine"}
@@ -47,9 +50,11 @@ def test_metrics_json_and_cache(run_dir, photos, capsys):
 
 def test_generative_metrics(run_dir, photos):
     result = evaluate_run(run_dir, metrics="gfid,is,prec,rec,kid", images=photos[:16], num_generated=12,
-                          batch_size=8, out=run_dir / "gen.json", progress=False, print_table=False)
+                          batch_size=8, out=run_dir / "gen.json", progress=False, print_table=False,
+                          extractor="proxy")
     values = result["values"]
-    assert set(values) == {"gfid_proxy", "is_proxy", "is_std_proxy", "prec_proxy", "rec_proxy", "kid_proxy"}
+    assert set(values) == {"gfid_proxy", "gfid_kid_proxy", "gfid_kid_std_proxy", "is_proxy", "is_std_proxy",
+                           "prec_proxy", "rec_proxy", "kid_proxy", "kid_std_proxy"}
     assert values["gfid_proxy"] > 0 and values["is_proxy"] >= 1.0 and 0 <= values["prec_proxy"] <= 1
     assert result["num"] == {"real": 16, "generated": 12}
     assert len(result["checkpoints"]["generator"]["sha256"]) == 64
@@ -58,10 +63,13 @@ def test_generative_metrics(run_dir, photos):
 
 def test_missing_generator_is_skipped_with_a_message(tmp_path, trained_tokenizer, photos, capsys):
     result = evaluate_run(tmp_path, metrics="rfid,gfid,is", tokenizer=trained_tokenizer, images=photos[:8],
-                          progress=False)
-    assert set(result["values"]) == {"rfid_proxy"}
+                          progress=False, extractor="proxy")
+    assert set(result["values"]) == {"rfid_proxy", "rfid_kid_proxy", "rfid_kid_std_proxy"}
     assert result["skipped"]["gfid"].startswith("no generator checkpoint at") and "is" in result["skipped"]
-    assert "gFID, IS (proxy)  skipped: no generator checkpoint" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert re.search(r"\ngFID, IS \(proxy\) +skipped: no generator checkpoint", table), table
+    assert re.search(r"\nrFID KID \(proxy\) +\d", table)
+    assert re.search(r"\nrFID KID std \(subsets\) \(proxy\) +\d", table)
 
 
 @pytest.mark.parametrize("case, match", [
@@ -73,7 +81,8 @@ def test_missing_generator_is_skipped_with_a_message(tmp_path, trained_tokenizer
     ("delta", r"--pfid-delta must be an integer in \[1, K=64\], got 65"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, trained_tokenizer, photos, case, match):
-    kwargs = dict(tokenizer=trained_tokenizer, images=photos[:8], metrics="rfid", progress=False, print_table=False)
+    kwargs = dict(tokenizer=trained_tokenizer, images=photos[:8], metrics="rfid", progress=False, print_table=False,
+                  extractor="proxy")
     if case == "one image":
         kwargs["images"] = photos[:1]
     elif case == "num 1":
@@ -92,7 +101,8 @@ def test_bad_input_is_a_one_line_error(tmp_path, trained_tokenizer, photos, case
 
 
 def test_cli_on_an_image_folder(run_dir, photos, tmp_path, capsys):
-    """`python -m tokpost_fast.evaluate` in-process: real images from the run config's ImageFolder (eval split)."""
+    """`python -m tokpost_fast.evaluate` in-process: real images from the run config's ImageFolder, its held-out
+    split only (data.val_fraction 0.8: 8 of each class's 10 images)."""
     from PIL import Image
 
     from tokpost_fast.evaluate import main
@@ -103,20 +113,21 @@ def test_cli_on_an_image_folder(run_dir, photos, tmp_path, capsys):
         Image.fromarray(image).save(root / f"class{i % 2}" / f"{i:03d}.png")
     config = tmp_path / "eval.yaml"
     config.write_text(
-        f"data: {{root: '{root}', image_size: 16, batch_size: 8, num_workers: 0, backend: torch}}\n"
+        f"data: {{root: '{root}', image_size: 16, batch_size: 8, num_workers: 0, backend: torch, val_fraction: 0.8}}\n"
         "tokenizer: {arch: vq_cnn, image_size: 16, ch: 32, ch_mult: [1, 2], num_res_blocks: 1, z_channels: 32,\n"
         "            codebook_size: 64, codebook_embed_dim: 8}\n"
         "perturb: {delta: 64}\n")
     out = tmp_path / "metrics.json"
     result = main(["--run-dir", str(run_dir), "--config", str(config), "--metrics", "rfid,pfid", "--num", "16",
-                   "--pfid-alpha", "0.5", "--out", str(out), "--no-progress", "--stats-dir", str(tmp_path / "st")])
+                   "--pfid-alpha", "0.5", "--extractor", "proxy", "--out", str(out), "--no-progress",
+                   "--stats-dir", str(tmp_path / "st")])
     assert json.loads(out.read_text()) == result
     assert result["num"]["real"] == 16 and result["settings"]["pfid"]["alpha"] == 0.5
     assert result["settings"]["pfid"]["delta"] == 64
     assert result["checkpoints"]["tokenizer"]["path"] == str(run_dir / "tokenizer.pt")
     assert "pFID (proxy) [alpha=0.5, delta=64]" in capsys.readouterr().out
     again = main(["--run-dir", str(run_dir), "--config", str(config), "--metrics", "rfid", "--num", "16",
-                  "--out", str(out), "--no-progress", "--stats-dir", str(tmp_path / "st")])
+                  "--extractor", "proxy", "--out", str(out), "--no-progress", "--stats-dir", str(tmp_path / "st")])
     assert again["real_stats"]["cached"] and again["values"]["rfid_proxy"] == result["values"]["rfid_proxy"]
 
 
@@ -132,7 +143,7 @@ def test_generator_of_another_tokenizer_is_refused(tmp_path, trained_tokenizer, 
                                           mlp_ratio=2.0, attn_backend="sdpa"))
     save_generator(gpt, tmp_path / "generator.pt", extra={"tokenizer_hash": "0" * 64})
     kwargs = dict(metrics="gfid", images=photos[:8], num_generated=4, batch_size=4, progress=False,
-                  print_table=False)
+                  print_table=False, extractor="proxy")
     with pytest.raises(ValueError, match="is not the tokenizer this generator was trained on"):
         evaluate_run(tmp_path, **kwargs)
 

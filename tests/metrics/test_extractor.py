@@ -1,4 +1,5 @@
-"""The offline proxy extractor (registered in torch-fidelity) and the Inception weights check."""
+"""The offline proxy extractor (registered in torch-fidelity, used only when asked for by name) and the Inception
+weights check."""
 
 import os
 import subprocess
@@ -17,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 _PROBE = """
 import torch
 from tokpost_fast.metrics import build_extractor
-extractor, info = build_extractor()
+extractor, info = build_extractor(extractor="proxy")
 x = (torch.arange(2 * 3 * 24 * 24) % 251).to(torch.uint8).reshape(2, 3, 24, 24)
 print(info.extractor_id)
 print(extractor.weights_sha256())
@@ -31,14 +32,14 @@ def _probe_input():
 
 def test_proxy_is_registered_in_torch_fidelity():
     assert FEATURE_EXTRACTORS_REGISTRY[PROXY_NAME] is ProxyFeatureExtractor
-    _, info = build_extractor()
+    _, info = build_extractor(extractor="proxy")
     assert info.proxy and info.label == "_proxy" and info.extractor_id.startswith(PROXY_NAME + ":")
 
 
 def test_proxy_is_deterministic_across_instances_and_processes():
-    a, info_a = build_extractor()
+    a, info_a = build_extractor(extractor="proxy")
     torch.manual_seed(123)  # the global RNG must not matter
-    b, info_b = build_extractor()
+    b, info_b = build_extractor(extractor="proxy")
     assert info_a.extractor_id == info_b.extractor_id
     assert a.weights_sha256() == b.weights_sha256()
     x = _probe_input()
@@ -72,7 +73,7 @@ def test_torch_fidelity_runs_the_proxy_by_name():
 
 
 def test_features_of_different_sizes_are_an_error():
-    extractor, info = build_extractor()
+    extractor, info = build_extractor(extractor="proxy")
     batches = [torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 32, 32)]
     with pytest.raises(ValueError, match="images of different sizes: 3x16x16 then 3x32x32"):
         extract_features(batches, extractor, info)
@@ -135,11 +136,22 @@ def fake_inception_weights(tmp_path_factory):
 
 
 def test_inception_weights_are_handed_to_torch_fidelity(fake_inception_weights):
-    extractor, info = build_extractor(fake_inception_weights)
-    assert not info.proxy and info.label == "" and info.name == INCEPTION_NAME
+    extractor, info = build_extractor(fake_inception_weights, precision="fp32")
+    assert not info.proxy and info.label == "" and info.name == INCEPTION_NAME and info.weights == "file"
     assert (info.fid_layer, info.isc_layer) == ("2048", "logits_unbiased")
     features = extract_features(torch.rand(2, 3, 32, 32) * 2 - 1, extractor, info)
     assert features["2048"].shape == (2, 2048) and features["logits_unbiased"].shape == (2, 1008)
+    _, bf16 = build_extractor(fake_inception_weights, precision="bf16")
+    assert bf16.extractor_id == info.extractor_id + ":bf16"      # cached statistics never mix precisions
+
+
+def test_the_proxy_only_by_name_and_never_with_weights(fake_inception_weights):
+    with pytest.raises(ValueError, match="--extractor 'tiny': must be one of inception, proxy"):
+        build_extractor(extractor="tiny")
+    with pytest.raises(ValueError, match="given together with --extractor proxy"):
+        build_extractor(fake_inception_weights, extractor="proxy")
+    with pytest.raises(ValueError, match="--feature-precision 'fp16'"):
+        build_extractor(extractor="proxy", precision="fp16")
 
 
 def test_cli_bad_weights_is_one_line(tmp_path):

@@ -14,7 +14,7 @@ from tokpost_fast.metrics.pfid import CLEAN, tokenizer_codebook
 
 @pytest.fixture(scope="module")
 def proxy():
-    return build_extractor()
+    return build_extractor(extractor="proxy")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_pfid_at_alpha_zero_is_rfid(trained_tokenizer, photos, proxy, tmp_path):
     rfid, _ = decode_features(trained_tokenizer, photos[:24], extractor, info, [CLEAN], seed=7)
     assert torch.equal(pfid0[Perturbation(0.0, 64)]["pool"], rfid[CLEAN]["pool"])
     result = evaluate_run(tmp_path, metrics="rfid,pfid", pfid_alpha=0.0, tokenizer=trained_tokenizer,
-                          images=photos[:24], progress=False, print_table=False)
+                          images=photos[:24], progress=False, print_table=False, extractor="proxy")
     assert result["values"]["pfid_proxy"] == result["values"]["rfid_proxy"]
 
 
@@ -58,7 +58,7 @@ def test_perturbation_ignores_batch_split(random_tokenizer, photos, proxy):
 
 @pytest.mark.slow
 def test_pfid_grows_with_alpha(trained_tokenizer, photos, tmp_path):
-    curve = pfid_curve(tmp_path, tokenizer=trained_tokenizer, images=photos, progress=False)
+    curve = pfid_curve(tmp_path, tokenizer=trained_tokenizer, images=photos, progress=False, extractor="proxy")
     values = [p["pfid_proxy"] for p in curve["points"]]
     assert [p["alpha"] for p in curve["points"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert curve["delta"] == 64 and curve["proxy"]  # min(100, K = 64)

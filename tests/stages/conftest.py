@@ -39,8 +39,10 @@ def write_main_config(path: Path, data_root: Path, batch_size: int = 4, **sectio
     """A YAML config for the main stage at test size; `sections` adds or replaces keys, e.g.
     train={"epochs": 3}."""
     base = {
+        # val_fraction 0: the stage tests train on every image (the held-out split has its own tests:
+        # tests/data/test_split.py, tests/test_pipeline.py)
         "data": {"root": str(data_root), "image_size": 32, "batch_size": batch_size, "num_workers": 0,
-                 "backend": "torch"},
+                 "backend": "torch", "val_fraction": 0.0},
         "tokenizer": dict(TINY_TOKENIZER),
         "perturb": {"alpha": 1.0, "beta": 0.5, "delta": 8, "anneal_start": 0, "anneal_end": 2, "end_ratio": 0.5},
         "loss": {"disc_start": 2, "disc_ndf": 8, "disc_layers": 2},

@@ -150,7 +150,7 @@ def test_llamagen_checkpoint_runs_gen_cache_post_and_evaluate(tmp_path):
     data = write_image_folder(tmp_path / "images", classes=2, per_class=8)
     tokenizer = {k: v for k, v in TINY_CNN.items()}
     config = write_main_config(
-        tmp_path / "cnn.yaml", data, tokenizer=tokenizer,
+        tmp_path / "cnn.yaml", data, tokenizer=tokenizer, data={"val_fraction": 0.25},   # 4 held-out images
         gen={"preset": "demo", "model": {"width": 32, "depth": 1, "heads": 2}, "global_batch_size": 8, "epochs": 1,
              "flip": False, "extract_batch_size": 8, "sample_classes": 2, "sample_images": 2},
         cache={"shard_size": 8, "batch_size": 8, "cfg_scale": 1.0},
@@ -171,7 +171,8 @@ def test_llamagen_checkpoint_runs_gen_cache_post_and_evaluate(tmp_path):
     train_main(["--stage", "post", *common, "--max-steps", "2"])
     assert_post_export(run, original_sha)
     result = evaluate_main(["--run-dir", str(run), "--tokenizer", spec, "--config", str(config), "--metrics", "rfid",
-                            "--num", "4", "--no-progress", "--out", str(tmp_path / "metrics.json")])
+                            "--num", "4", "--no-progress", "--out", str(tmp_path / "metrics.json"),
+                            "--extractor", "proxy"])
     assert result["values"]["rfid_proxy"] >= 0
 
     other = tmp_path / "other.pt"

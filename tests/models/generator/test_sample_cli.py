@@ -44,3 +44,21 @@ def test_sample_cli_refuses_another_tokenizer(run_dir, tmp_path):
 def test_sample_cli_rejects_unknown_class(run_dir, tmp_path):
     with pytest.raises(SystemExit):
         main(["--run-dir", str(run_dir), "--classes", "9", "--num", "1", "--out", str(tmp_path / "x.png")])
+
+
+def test_sample_cli_takes_another_tokenizer_and_defaults_to_every_class(run_dir, tmp_path):
+    """--tokenizer decodes with e.g. a post-trained export (accepted through its recorded source); without
+    --classes every class of the generator gets a row."""
+    post = tmp_path / "tokenizer_post.pt"
+    torch.manual_seed(2)
+    save_tokenizer(build_tokenizer(tokenizer_config("demo")), str(post),
+                   extra={"source_tokenizer": {"sha256": file_sha256(run_dir / "tokenizer.pt")}})
+    out = tmp_path / "grid.png"
+    main(["--run-dir", str(run_dir), "--tokenizer", str(post), "--num", "1", "--out", str(out)])
+    assert Image.open(out).size == (66 + 2, 4 * 66 + 2)          # 4 classes, one image each
+    stranger = tmp_path / "stranger.pt"
+    save_tokenizer(build_tokenizer(tokenizer_config("demo")), str(stranger))
+    with pytest.raises(ValueError, match="not the tokenizer this generator was trained on"):
+        main(["--run-dir", str(run_dir), "--tokenizer", str(stranger), "--num", "1", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        main(["--run-dir", str(run_dir), "--tokenizer", str(tmp_path / "none.pt"), "--out", str(out)])
