@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.stages.conftest import write_image_folder, write_main_config
+from tokpost_fast.config import load_config
 from tokpost_fast.pipeline import pipeline_stages
 from tokpost_fast.pipeline import main as pipeline_main
 
@@ -55,7 +56,6 @@ def check_arms_report(run, saved):
 
 def check_no_leak(run, config):
     """The cache (and so post-training) holds train images only; the val images are what the metrics read."""
-    from tokpost_fast.config import load_config
     from tokpost_fast.data import ImageFolderDataset
     from tokpost_fast.stages.token_cache import load_rows, read_index
 
@@ -74,13 +74,20 @@ def test_tiny_pipeline_end_to_end_and_rerun_skips(tmp_path):
 
     for name in ("report.md", "report.json", "pfid_curve.png", "loss_curves.png", "samples_main.png",
                  "samples_control.png", "samples_post.png", "samples_compare.png", "tokenizer.pt", "generator.pt",
-                 "cache/index.json", "tokenizer_post.pt", "tokenizer_control.pt", "eval/arms.json"):
+                 "cache/index.json", "tokenizer_post.pt", "tokenizer_control.pt", "eval/arms.json",
+                 "codebook_usage.png"):
         assert (run / name).is_file(), name
     saved = json.loads((run / "report.json").read_text())
     assert saved == json.loads(json.dumps(report))
     check_arms_report(run, saved)
     check_no_leak(run, config)
     assert [p["x"] for p in saved["pfid_curves"]["post"]] == [0.0, 0.5, 1.0]
+    usage, grid = saved["codebook_usage"], load_config(run / "pipeline_config.yaml").tokenizer.grid_size
+    assert usage["tokenizer_val"]["images"] == 8 and usage["tokenizer_val"]["split"] == "val"
+    assert usage["cache"]["rows"] == 16
+    assert usage["cache"]["generated"]["tokens"] == usage["cache"]["clean"]["tokens"] == 16 * grid ** 2
+    assert 0.2 < usage["cache"]["resampled_fraction"] < 0.8           # keep-mask ~ Bernoulli(sigma = 0.5)
+    assert "## Codebook usage" in (run / "report.md").read_text()
     assert set(saved["seconds"]) == {name for name, _ in pipeline_stages(1)} - {"report"}
     assert all(t["load_average"] is not None for t in saved["timing"].values())
     # the control arm's decoder read the clean grids: its exported weights differ from the method's

@@ -9,6 +9,8 @@
     pfid_curve.png      pFID vs alpha (continuous: the perturbed-latent FID vs noise) of each arm
     samples_*.png       the same generated samples decoded by each arm (samples_compare.png: per class a row each)
     loss_curves.png     main, gen, post and control losses from their log.jsonl
+    codebook usage      VQ runs: codebook_usage.png (used codes, dead codes, perplexity over main training), the
+                        tokenizer's codes on the held-out images, the cache's generated vs clean grids
     wall time of each stage (RUN/pipeline.json), with CPU time and the load average while it ran
 A continuous run (KL tokenizer + DiT) gets the same report: "pFID" is the perturbed-latent FID, our analogue
 (metrics/latent_noise.py), the samples are DiT latents and the cache holds denoised latents.
@@ -185,6 +187,35 @@ def versus_main(summary: dict, names: dict) -> str:
     return "Against main (no post-training), FID moved: " + "; ".join(parts) + " (negative = better)."
 
 
+def codebook_section(run_dir: Path, cfg) -> tuple[list[str], dict]:
+    """VQ runs: the codebook usage of the main stage over training (codebook_usage.png), of the exported tokenizer
+    on the held-out images, and of the cached generated grids against the clean grids of the same images."""
+    from tokpost_fast.metrics.codebook_usage import cache_usage, plot_usage, read_log, tokenizer_usage, usage_series
+
+    K, numbers = cfg.tokenizer.codebook_size, {}
+    md = ["## Codebook usage", ""]
+    series = usage_series(read_log(run_dir / "log.jsonl")) if (run_dir / "log.jsonl").is_file() else {"step": []}
+    if series["step"]:
+        plot_usage(series, run_dir / "codebook_usage.png", K, title="codebook usage in main training")
+        numbers["training_last"] = {k: v[-1] for k, v in series.items()}
+        md += [f"Main training (codebook.restart_dead = {cfg.codebook.restart_dead}, codebook.init = "
+               f"{cfg.codebook.init}): ![codebook usage](codebook_usage.png)", ""]
+    numbers["tokenizer_val"] = tok = tokenizer_usage(run_dir, split="val")
+    numbers["cache"] = cache = cache_usage(run_dir / "cache", K)
+    md += [f"Codes of K = {K} used by RUN/tokenizer.pt on the {tok['images']} held-out images: {tok['used']} "
+           f"(perplexity {tok['perplexity']:.1f}). The post-training cache ({cache['rows']} train images, "
+           f"{100 * cache['resampled_fraction']:.1f} % of the tokens resampled by the generator, "
+           f"{100 * cache['changed_fraction']:.1f} % differing from the clean grid):", "",
+           "| grids | codes used | perplexity | top code's share |", "|---|---|---|---|"]
+    for name, key in (("clean (sigma = 1, the control's input)", "clean"), ("generated (the method's input)",
+                      "generated"), ("clean, resampled positions only", "clean_at_resampled"),
+                      ("generated, resampled positions only", "generated_at_resampled")):
+        u = cache[key]
+        md.append(f"| {name} | {u['used']} | {u['perplexity']:.1f} | {u['top_code_share']:.3f} |")
+    md += ["", f"Codes the generated grids use that no clean grid does: {cache['new_codes_in_generated']}.", ""]
+    return md, numbers
+
+
 def write_report(run_dir: Path, cfg, timing: dict, ranks: int = 1, launcher: str = "deepspeed",
                  cores: Optional[int] = None, post_seeds: int = 1) -> dict:
     """timing: {stage: {"seconds", "cpu_seconds", "load_average", "load_average_max"}} of the stages run so far."""
@@ -265,7 +296,9 @@ def write_report(run_dir: Path, cfg, timing: dict, ranks: int = 1, launcher: str
            "## Loss curves", "", "![loss curves](loss_curves.png)", "",
            "| series | first | last | steps |", "|---|---|---|---|"]
     md += [f"| {k} | {v['first']:.4g} | {v['last']:.4g} | {v['steps']} |" for k, v in losses.items()]
-    md += ["", "## Wall time per stage", "",
+    codebook_md, codebook = ([], None) if continuous else codebook_section(run_dir, cfg)
+    md += [""] + codebook_md
+    md += ["## Wall time per stage", "",
            f"CPU seconds are those of the stage's processes; on an idle machine with {cores} cores the wall time is "
            f"about CPU / {cores}. The load average (1 min) is sampled every 5 s while the stage runs: its mean and "
            f"max; a stage's own processes add ~{min(ranks, cores or ranks)} (its ranks), more is other work.", "",
@@ -279,7 +312,8 @@ def write_report(run_dir: Path, cfg, timing: dict, ranks: int = 1, launcher: str
               "split": split, "num": result["num"], "seeds": result["seeds"], "post_seeds": post_seeds,
               "metric_names": names, "summary": summary, "effects": effect, "mse_gap": result["mse_gap"],
               "pfid_settings": pfid, "pfid_curves": curves, "pfid_curve_axis": axis, "samples": samples,
-              "losses": losses, "post_steps": post_steps, "ranks": ranks, "launcher": launcher,
+              "losses": losses, "codebook_usage": codebook, "post_steps": post_steps, "ranks": ranks,
+              "launcher": launcher,
               "seconds": {name: t["seconds"] for name, t in timing.items()}, "timing": timing,
               "analysis": analysis, "eval_file": "eval/arms.json"}
     (run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
