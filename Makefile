@@ -26,8 +26,10 @@ else
 $(error PIPELINE=$(PIPELINE): must be vq (the default) or continuous)
 endif
 PYTEST_ARGS ?=
+# extra pipeline flags, e.g. `make demo DEMO_ARGS="--seeds 5 --post-seeds 3"` (README, "make demo")
+DEMO_ARGS ?=
 
-.PHONY: setup test demo data bench clean
+.PHONY: setup test demo data bench kernel-report clean
 
 # Re-run the editable install (and so the extension build) whenever the build inputs change.
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
@@ -38,7 +40,16 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*)
 	$(PIP) install --no-build-isolation -e ".[test]"
 	touch $@
 
-setup: $(VENV)/.installed
+# The oldest Triton GPU users have (the version beside torch 2.11), only for the kernel compile check
+# (tests/benchmarks, benchmarks/kernel_report.py --triton-dir .triton36): a separate folder, never imported by the
+# package (pip picks the wheel of the venv's Python; cp311 here).
+TRITON_OLD ?= 3.6.0
+TRITON_OLD_DIR ?= .triton36
+$(TRITON_OLD_DIR)/.installed: $(VENV)/.installed
+	$(PIP) install --quiet --upgrade --target $(TRITON_OLD_DIR) --no-deps triton==$(TRITON_OLD)
+	touch $@
+
+setup: $(VENV)/.installed $(TRITON_OLD_DIR)/.installed
 
 data: setup
 	$(PY) -m tokpost_fast.data.embedded --out data/embedded
@@ -49,10 +60,14 @@ test: setup
 bench: setup
 	$(PY) benchmarks/quantize_bench.py --quick
 
-# main -> gen -> cache -> post -> evaluate before / after -> RUN_DIR/report.md (tokpost_fast/pipeline.py); builds
-# the embedded data when DATA is the missing data/embedded; a re-run skips the finished stages.
+# Compile every Triton kernel variant for sm_90 / sm_80 with both Triton versions; no GPU needed.
+kernel-report: setup
+	$(PY) benchmarks/kernel_report.py --triton-dir $(TRITON_OLD_DIR)
+
+# main -> gen -> cache -> post | control -> evaluate (held-out images) -> RUN_DIR/report.md (tokpost_fast/pipeline.py);
+# builds the embedded data when DATA is the missing data/embedded; a re-run skips the finished stages.
 demo: setup
-	$(PY) -m tokpost_fast.pipeline --config $(DEMO_CONFIG) --run-dir $(RUN_DIR) --data $(DATA)
+	$(PY) -m tokpost_fast.pipeline --config $(DEMO_CONFIG) --run-dir $(RUN_DIR) --data $(DATA) $(DEMO_ARGS)
 
 clean:
 	rm -rf build *.egg-info tokpost_fast/_C*.so runs

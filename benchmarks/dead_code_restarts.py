@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 from quantize_bench import machine_info  # noqa: E402
+from tokpost_fast.atomic import atomic_write_json  # noqa: E402
 from tests.models.tokenizer.test_dead_codes import collapse_run  # noqa: E402
 
 ARMS = {"control": dict(restart=False, kmeans_init=False), "restarts": dict(restart=True, kmeans_init=False),
@@ -62,9 +61,7 @@ def main() -> None:
     report = {"command": "python " + " ".join(sys.argv), "machine": info, "torch_threads": args.threads,
               "load_average": {"start": load_at_start, "end": os.getloadavg()}, "summary": summary, "runs": runs}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with open(out + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(out + ".tmp", out)
+    atomic_write_json(out, report)
     print(f"wrote {out}")
     for arm, stats in summary.items():
         print(f"{arm:<16} " + "  ".join(f"{k} {v['mean']:.4g} [{v['min']:.4g}, {v['max']:.4g}]"

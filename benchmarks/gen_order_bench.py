@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from tokpost_fast.atomic import atomic_write_json
 from generator_bench import machine_slug, versions  # benchmarks/ is sys.path[0] when run as a script
 from tokpost_fast.models.generator import (build_generator, draw_orders, generator_config, next_token_loss,
                                            order_generator, permute_tokens, sample)
@@ -110,10 +111,7 @@ def main(argv=None) -> dict:
     }
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"gen-order-{machine}-{datetime.date.today().isoformat()}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(out + ".tmp", out)
+    atomic_write_json(out, result)
     print(json.dumps(headline, indent=1))
     print(f"wrote {out}")
     return result

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from tokpost_fast.atomic import atomic_write_json
 from tokpost_fast.models.generator import (
     available_attention_backends,
     build_generator,
@@ -177,10 +178,7 @@ def main(argv=None) -> dict:
     }
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"generator-{machine}-{datetime.date.today().isoformat()}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(out + ".tmp", out)
+    atomic_write_json(out, result)
     print(json.dumps(headline, indent=1))
     print(f"wrote {out}")
     return result

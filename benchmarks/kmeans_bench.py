@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -32,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quantize_bench import machine_info  # noqa: E402  (the same machine record as the quantizer benchmark)
+from tokpost_fast.atomic import atomic_write_json  # noqa: E402
 
 from tokpost_fast import ops  # noqa: E402
 
@@ -123,9 +123,7 @@ def main() -> None:
     report = {"command": "python " + " ".join(sys.argv), "machine": info,
               "load_average": {"start": load_at_start, "end": os.getloadavg()}, "rows": rows}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with open(out + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(out + ".tmp", out)
+    atomic_write_json(out, report)
     print(f"wrote {out}")
     for r in rows:
         print(f"{r['provider']:<11} D={r['d']}: {r['median_s']:.3f} s  x{r.get('speedup_vs_torch', float('nan')):.1f}"

@@ -1,7 +1,8 @@
 """Nearest-code search (the quantizer's hot loop): our fused kernels against materializing PyTorch and
 vector-quantize-pytorch, side by side in one run; the speed-up over "torch" is the headline.
 
-    python benchmarks/quantize_bench.py [--quick] [--device cpu|cuda] [--out PATH] [--full-memory]
+    python benchmarks/quantize_bench.py [--quick] [--shapes NxKxDxk,...] [--device cpu|cuda] [--out PATH]
+    python benchmarks/quantize_ab.py OLD.so NEW.so [--quick | --shapes ...]   (two builds of the cpu kernel)
 
 Providers (one row each per shape and dtype):
   torch         ||z||^2 - 2 z @ c.T + ||c||^2 as a full [N, K] matrix, then argmin (k = 1) / topk (k > 1)
@@ -18,8 +19,10 @@ stays meaningful on a shared machine), triton.testing.do_bench on the GPU. Peak 
 max_memory_allocated above the inputs; on the CPU the peak-RSS growth of a fresh spawned process that builds the
 inputs, warms the provider up on a tiny problem, resets its RSS high-water mark, then runs the measured call (so
 the growth is that call's peak). Rate: GFLOP/s from the FLOP model 2 * N * K * D (the distance matmul; selection is not counted); on the
-GPU also the fraction of the roofline floor max(FLOPs / peak FLOP/s, bytes / peak bandwidth) with bytes = inputs
-+ outputs read/written once.
+GPU also the fraction of the floor of benchmarks/floor_model.py: the largest of the tensor-core term, the epilogue
+term N*K*instr/(SMs*lanes*clock) at the fewest instructions an exact search needs per (row, code), and the bytes
+term (inputs read once, outputs written once), from the datasheet constants of the GPU model found.
+
 
 Writes benchmarks/results/quantize-<machine>-<date>.json (command, machine, versions, every raw time).
 """
@@ -32,7 +35,6 @@ import datetime
 import gc
 import importlib.metadata
 import itertools
-import json
 import multiprocessing
 import os
 import platform
@@ -44,18 +46,15 @@ import time
 
 import torch
 
+from tokpost_fast.atomic import atomic_write_json
 PROVIDERS = ("torch", "vq-pytorch", "cpu", "triton", "cuda", "flash-kmeans")
 FULL_GRID = list(itertools.product((4096, 16384, 65536), (1024, 4096, 16384), (8, 64, 256), (1, 100)))
 # The LlamaGen VQ-16 shape (K = 16384 codes of dim 8) at a 16384-token batch, plus a RobusTok-like small one.
 QUICK_GRID = [(16384, 16384, 8, 1), (16384, 16384, 8, 100), (4096, 4096, 64, 1), (4096, 4096, 64, 100)]
 # A materializing provider on the CPU is skipped when its [N, K] temporaries would exceed this (shared machines).
 CPU_MATERIALIZE_LIMIT_BYTES = 3 * 2**30
-# Peak numbers for the roofline (dense, boost clock): fp32 CUDA-core FLOP/s, bf16 tensor-core FLOP/s, HBM B/s.
-GPU_PEAKS = {
-    "H200": {"fp32": 67e12, "bf16": 989e12, "bandwidth": 4.8e12},
-    "H100": {"fp32": 67e12, "bf16": 989e12, "bandwidth": 3.35e12},
-    "A100": {"fp32": 19.5e12, "bf16": 312e12, "bandwidth": 2.04e12},
-}
+# floor_model.GPUS key per device-name fragment (benchmarks/floor_model.py has the constants and their sources).
+FLOOR_GPUS = {"H200": "h200", "H100": "h100-sxm", "A100": "a100-sxm"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,17 +207,16 @@ def measure_cuda(spec: dict) -> dict:
             "memory_method": "cuda max_memory_allocated delta"}
 
 
-def roofline_fraction(spec: dict, seconds: float) -> float | None:
+def floor_terms(spec: dict) -> dict | None:
+    """floor_model.floor_us for this shape on the GPU found (None for an unknown GPU)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import floor_model
+
     name = torch.cuda.get_device_name().upper()
-    peaks = next((p for key, p in GPU_PEAKS.items() if key in name), None)
-    if peaks is None:
+    gpu = next((key for fragment, key in FLOOR_GPUS.items() if fragment in name), None)
+    if gpu is None:
         return None
-    n, k_codes, d, k = spec["n"], spec["k_codes"], spec["d"], spec["k"]
-    elt = 4 if spec["dtype"] == "float32" else 2
-    flops = 2.0 * n * k_codes * d
-    bytes_moved = (n + k_codes) * d * elt + n * k * (4 + 8)
-    floor = max(flops / peaks["fp32" if elt == 4 else "bf16"], bytes_moved / peaks["bandwidth"])
-    return floor / seconds
+    return floor_model.floor_us(spec["n"], spec["k_codes"], spec["d"], spec["k"], spec["dtype"], gpu)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,6 +283,16 @@ def print_table(rows: list[dict]) -> None:
               f"{r['gflops']:9.1f}{r['peak_extra_bytes'] / 2**20:10.1f}{ratio}")
 
 
+def parse_shapes(parser, text: str) -> list:
+    try:
+        shapes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 4 or min(s) < 1 or s[3] > s[1] for s in shapes):
+        parser.error(f"--shapes: expected NxKxDxk[,...] with 1 <= k <= K, got {text!r}")
+    return shapes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="N = K = 16384, D = 8 and one D = 64 shape (< 2 min on 2 cores)")
@@ -292,7 +300,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quantize-<machine>-<date>.json)")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of " + ",".join(PROVIDERS))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads per measurement")
+    parser.add_argument("--shapes", help="NxKxDxk,... instead of the grid, e.g. 65536x16384x8x1,65536x16384x256x100")
     args = parser.parse_args()
+    grid = parse_shapes(parser, args.shapes) if args.shapes else (QUICK_GRID if args.quick else FULL_GRID)
 
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -301,7 +311,6 @@ def main() -> None:
     unknown = set(providers) - set(PROVIDERS)
     if unknown:
         parser.error(f"unknown providers {sorted(unknown)}")
-    grid = QUICK_GRID if args.quick else FULL_GRID
     dtypes = ["float32"] + (["bfloat16"] if device == "cuda" else [])
     # Repeat until budget_s has passed (at least min_repeats, at most max_repeats calls). --quick takes a single
     # call of the multi-second materializing providers (their "repeats" field says so).
@@ -331,7 +340,9 @@ def main() -> None:
             row["flops"] = 2.0 * n * k_codes * d
             row["gflops"] = row["flops"] / row["median_s"] / 1e9
             if device == "cuda":
-                row["roofline_fraction"] = roofline_fraction(spec, row["median_s"])
+                floor = floor_terms(spec)
+                if floor is not None:
+                    row.update(floor=floor, floor_fraction=floor["floor_us"] / (row["median_s"] * 1e6))
             rows.append(row)
             print(f"  {provider:<13} N={n} K={k_codes} D={d} k={k} {dtype_name}: {row['median_s'] * 1e3:.2f} ms", flush=True)
     if pool:
@@ -354,23 +365,21 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"quantize-{machine_slug(device)}-{date}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     report = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "date": date,
         "device": device,
         "machine": machine_info(device),
         "flop_model": "2 * N * K * D (distance matmul; selection not counted)",
-        "roofline": "floor = max(FLOPs / peak (fp32 CUDA cores for fp32, bf16 tensor cores for bf16), "
-                    "bytes / HBM bandwidth); fraction = floor / median" if device == "cuda" else None,
+        "floor": "benchmarks/floor_model.py floor_us: max(tensor-core term, epilogue term at the fewest instructions "
+                 "per element an exact search needs, bytes term); floor_fraction = floor / median"
+                 if device == "cuda" else None,
         "wall_s": time.perf_counter() - started,
         # Other work on a shared machine shows here, and in the gap between wall and CPU time of the rows.
         "load_average": {"start": load_at_start, "end": os.getloadavg()},
         "rows": rows,
     }
-    with open(out + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(out + ".tmp", out)
+    atomic_write_json(out, report)
     print(f"\nwrote {out} ({report['wall_s']:.0f} s)")
 
 

@@ -1,9 +1,11 @@
 // codebook_lookup and its deterministic backward on the CPU.
-// Backward: a stable counting sort groups the rows by code (row order kept within a code), then each code's rows
-// are summed in that fixed order in fp32. The result does not depend on the thread count and uses no atomics.
+// Backward: a stable counting sort groups the rows by code (row order kept within a code); each code's rows are
+// summed in fixed chunks, then the chunk sums in chunk order, all in fp32 (common.h: kLookupChunkRows). The result
+// does not depend on the thread count, uses no atomics, and equals the CUDA kernel's bit for bit.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <vector>
@@ -58,18 +60,38 @@ at::Tensor codebook_lookup_backward_cpu(const at::Tensor& grad_out, const at::Te
     std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
     for (int64_t n = 0; n < N; ++n) order[cursor[idx_ptr[n]]++] = n;
   }
+  // Each code's rows are cut into chunks of kLookupChunkRows from the segment's start; chunk_start[c] is code c's
+  // first chunk. Chunks are summed in parallel (a collapsed codebook, every row on one code, still spreads over
+  // all threads), then each code adds its chunk sums in chunk order: the csrc/codebook_lookup_cuda.cu order too.
+  std::vector<int64_t> chunk_start(K + 1, 0);
+  for (int64_t c = 0; c < K; ++c)
+    chunk_start[c + 1] = chunk_start[c] + (offsets[c + 1] - offsets[c] + kLookupChunkRows - 1) / kLookupChunkRows;
+  const int64_t num_chunks = chunk_start[K];
+  std::vector<float> partial(size_t(num_chunks * D));
   at::Tensor grad_codebook = at::empty({K, D}, grad_out.options());
   TOKPOST_DISPATCH_FLOAT(grad_out.scalar_type(), "codebook_lookup_backward_cpu", [&] {
     const scalar_t* g = grad_out.data_ptr<scalar_t>();
     scalar_t* out = grad_codebook.data_ptr<scalar_t>();
-    at::parallel_for(0, K, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<float> acc(D);
-      for (int64_t c = c0; c < c1; ++c) {
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t j = offsets[c]; j < offsets[c + 1]; ++j) {
+    at::parallel_for(0, num_chunks, 16, [&](int64_t m0, int64_t m1) {
+      int64_t c = std::upper_bound(chunk_start.begin(), chunk_start.end(), m0) - chunk_start.begin() - 1;
+      for (int64_t m = m0; m < m1; ++m) {
+        while (chunk_start[c + 1] <= m) ++c;
+        const int64_t j0 = offsets[c] + (m - chunk_start[c]) * kLookupChunkRows;
+        const int64_t j1 = std::min(offsets[c + 1], j0 + kLookupChunkRows);
+        float* acc = partial.data() + m * D;
+        std::fill_n(acc, D, 0.f);
+        for (int64_t j = j0; j < j1; ++j) {  // row order within the chunk
           const scalar_t* row = g + order[j] * D;
           for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<float>(row[d]);
         }
+      }
+    });
+    at::parallel_for(0, K, 256, [&](int64_t c0, int64_t c1) {
+      std::vector<float> acc(D);
+      for (int64_t c = c0; c < c1; ++c) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t m = chunk_start[c]; m < chunk_start[c + 1]; ++m)  // chunk order
+          for (int64_t d = 0; d < D; ++d) acc[d] += partial[m * D + d];
         for (int64_t d = 0; d < D; ++d) out[c * D + d] = static_cast<scalar_t>(acc[d]);
       }
     });

@@ -28,6 +28,11 @@
 
 namespace tokpost {
 
+// codebook_lookup_backward (CPU and CUDA): a code's rows are summed in chunks of this many rows, in row order, then
+// the chunk sums in chunk order, all in fp32. Fixed, so the result is the same bits on every run, thread count and
+// device; small enough that a collapsed codebook (every row on one code) spreads over N / 256 parallel chunks.
+constexpr int64_t kLookupChunkRows = 256;
+
 // Checks shared by knn_codes and perturb_codes on every device: z [N, D] and codebook [K, D], same float dtype,
 // contiguous, same device.
 inline void check_z_codebook(const at::Tensor& z, const at::Tensor& codebook, c10::DeviceType dev) {

@@ -1,8 +1,10 @@
-// knn_codes on CUDA (csrc/knn_cuda.cuh has the kernel). Compiled, never run, on the machine it was written on.
+// knn_codes on CUDA (csrc/knn_cuda.cuh has the kernel and its status: compiled, not yet run on a GPU).
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
 
 #include "common.h"
 #include "knn_cuda.cuh"
@@ -20,16 +22,20 @@ std::tuple<at::Tensor, at::Tensor> knn_codes_cuda(const at::Tensor& z, const at:
   at::Tensor dist = at::empty({N, k}, z.options().dtype(at::kFloat));
   at::Tensor idx = at::empty({N, k}, z.options().dtype(at::kLong));
   if (N == 0) return {dist, idx};
-  const int64_t tile = cuda::tile_codes(D);
-  const size_t smem = size_t(tile) * (D + 1) * sizeof(float);
-  TORCH_CHECK(smem <= 48 * 1024, "codebook's dim D (", D, ") is too large for the CUDA kernel's shared-memory tile");
-  const dim3 grid(unsigned((N + cuda::kRowsPerBlock - 1) / cuda::kRowsPerBlock));
+  const int64_t slice = cuda::rows_per_launch(N, k);
+  at::Tensor work;
+  if (k > 1) work = at::empty({slice * cuda::row_buffer_len(k)}, z.options().dtype(at::kLong));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   TOKPOST_DISPATCH_FLOAT(z.scalar_type(), "knn_codes_cuda", [&] {
-    cuda::knn_rows_kernel<scalar_t, false><<<grid, cuda::kRowsPerBlock, smem, stream>>>(
-        z.data_ptr<scalar_t>(), codebook.data_ptr<scalar_t>(), N, K, D, tile, k, 0, 0, 0, dist.data_ptr<float>(),
-        idx.data_ptr<int64_t>(), k, nullptr, nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (int64_t row0 = 0; row0 < N; row0 += slice) {  // slices reuse one key buffer (stream-ordered)
+      const int64_t rows = std::min(slice, N - row0);
+      const dim3 grid(unsigned((rows + cuda::kWarps - 1) / cuda::kWarps));
+      cuda::knn_exact_kernel<scalar_t, false><<<grid, cuda::kWarps * 32, 0, stream>>>(
+          z.data_ptr<scalar_t>(), codebook.data_ptr<scalar_t>(), row0, rows, K, D, k, 0, 0, 0,
+          k > 1 ? reinterpret_cast<uint64_t*>(work.data_ptr<int64_t>()) : nullptr, dist.data_ptr<float>(),
+          idx.data_ptr<int64_t>(), nullptr, nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return {dist, idx};
 }

@@ -15,9 +15,9 @@ using RowK = c10::function_ref<int64_t(int64_t row)>;
 using RowEmit = c10::function_ref<void(int64_t row, const float* dist, const int32_t* idx, int64_t k)>;
 
 // z [N, D], codebook [K, D]: contiguous CPU tensors of one float dtype (fp32/fp16/bf16), computed in fp32.
-// dist = ||z||^2 + (||c||^2 - 2 z.c), the bracket accumulated as a chain of fp32 FMAs in d order; NaN and +inf
-// distances are never kept, and a row with fewer than k finite distances is completed with the lowest unused code
-// indices at dist +inf (= "NaN orders as +inf", ties to the lowest index).
+// dist is the difference form sum_d fl(z_d - c_d)^2 in fp32 (csrc/exact_rerank_cpu.h), the k nearest by
+// (dist, idx) exactly: the expanded-form search only picks the candidates. NaN distances are +inf; codes at +inf
+// come after every finite one in index order, so a row with a NaN/inf entry gets codes 0..k-1 at +inf.
 void knn_search_cpu(const at::Tensor& z, const at::Tensor& codebook, int64_t k_max, bool sorted, RowK row_k,
                     RowEmit emit);
 

@@ -1,9 +1,11 @@
-// perturb_codes on CUDA: the Philox rank is drawn in the kernel, then the row searches only its rank + 1 nearest
-// codes (csrc/knn_cuda.cuh). Compiled, never run, on the machine it was written on.
+// perturb_codes on CUDA: the Philox rank is drawn in the kernel, then the row ranks only its rank + 1 nearest
+// codes (csrc/knn_cuda.cuh has the kernel and its status: compiled, not yet run on a GPU).
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
 
 #include "common.h"
 #include "knn_cuda.cuh"
@@ -22,20 +24,21 @@ std::tuple<at::Tensor, at::Tensor> perturb_codes_cuda(const at::Tensor& z, const
   at::Tensor idx = at::empty({N}, z.options().dtype(at::kLong));
   at::Tensor idx_perturbed = at::empty({N}, z.options().dtype(at::kLong));
   if (N == 0) return {idx, idx_perturbed};
-  // Per-row sorted lists of up to topk codes.
-  at::Tensor list_dist = at::empty({N, topk}, z.options().dtype(at::kFloat));
-  at::Tensor list_idx = at::empty({N, topk}, z.options().dtype(at::kLong));
-  const int64_t tile = cuda::tile_codes(D);
-  const size_t smem = size_t(tile) * (D + 1) * sizeof(float);
-  TORCH_CHECK(smem <= 48 * 1024, "codebook's dim D (", D, ") is too large for the CUDA kernel's shared-memory tile");
-  const dim3 grid(unsigned((N + cuda::kRowsPerBlock - 1) / cuda::kRowsPerBlock));
+  const int64_t slice = cuda::rows_per_launch(N, topk);
+  at::Tensor work;
+  if (topk > 1) work = at::empty({slice * cuda::row_buffer_len(topk)}, z.options().dtype(at::kLong));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   TOKPOST_DISPATCH_FLOAT(z.scalar_type(), "perturb_codes_cuda", [&] {
-    cuda::knn_rows_kernel<scalar_t, true><<<grid, cuda::kRowsPerBlock, smem, stream>>>(
-        z.data_ptr<scalar_t>(), codebook.data_ptr<scalar_t>(), N, K, D, tile, topk, threshold, uint64_t(seed),
-        position_offset, list_dist.data_ptr<float>(), list_idx.data_ptr<int64_t>(), topk, idx.data_ptr<int64_t>(),
-        idx_perturbed.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (int64_t row0 = 0; row0 < N; row0 += slice) {
+      const int64_t rows = std::min(slice, N - row0);
+      const dim3 grid(unsigned((rows + cuda::kWarps - 1) / cuda::kWarps));
+      cuda::knn_exact_kernel<scalar_t, true><<<grid, cuda::kWarps * 32, 0, stream>>>(
+          z.data_ptr<scalar_t>(), codebook.data_ptr<scalar_t>(), row0, rows, K, D, topk, threshold,
+          uint64_t(seed), position_offset,
+          topk > 1 ? reinterpret_cast<uint64_t*>(work.data_ptr<int64_t>()) : nullptr, nullptr, nullptr,
+          idx.data_ptr<int64_t>(), idx_perturbed.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return {idx, idx_perturbed};
 }

@@ -1,14 +1,18 @@
-// The per-row candidate set of the CPU k-nearest search (csrc/knn_search_cpu.cpp): the row's k best codes so
-// far plus a buffer of newer candidates, and the filter that keeps the distance loop free of per-element work.
+// The per-row candidate set of the CPU k-nearest search (csrc/knn_search_cpu.cpp): every code whose search value
+// can still be within the error window of the row's k-th best, collected so the exact re-rank
+// (csrc/exact_rerank_cpu.h) sees a superset of the true k nearest.
 //
-// Invariants (what makes the result exact, ties included):
-// - Codes reach a row in ascending index order, and candidates are appended in that order; compaction is stable,
-//   so dist[0..count) is always in ascending index order.
-// - thr is +inf until k candidates are held; afterwards at least k held candidates have dist <= thr. Any later
-//   code with dist >= thr is then beaten by k earlier codes in the (dist, idx) order, so only dist < thr is kept.
-// - filt: acc >= filt  =>  ||z||^2 + acc >= thr (update_filter has the argument), so the distance loop compares
-//   the FMA accumulator acc = ||c||^2 - 2 z.c with filt and never adds ||z||^2 per element.
-// - NaN distances fail every ordered compare and are never held; neither is +inf (nothing is < +inf).
+// Search values live in "acc space": acc = ||c||^2 - 2 z.c (the sweep's FMA chain), i.e. the expanded distance
+// minus the row constant ||z||^2, which orders the codes the same way and needs no per-element add.
+// Invariants (what makes the result exact, csrc/knn_search_cpu.cpp has the bound):
+// - thr is +inf until k candidates are held; afterwards at least k held candidates have acc <= thr, so the row's
+//   final k-th smallest acc s_k is <= thr.
+// - win = next_up(fl(thr + e2)) > thr + 2E exactly (e2 = 2E rounded up). A code with acc >= win has
+//   acc > s_k + 2E and can never be a candidate; every held code has acc < win (the window at the time it was
+//   kept), and compaction re-applies the current window.
+// - NaN accumulators fail every ordered compare and are never held; neither is +inf (nothing is < +inf).
+// - mode says when the window is not used at all: a row whose candidates overflow the buffer, or whose norms are
+//   too large for the bound, gets a full difference-form pass; a row with a NaN/inf entry gets codes 0..k-1.
 #pragma once
 
 #include <algorithm>
@@ -26,9 +30,11 @@ using simd::kLanes;
 using simd::vfloat;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+// Panels a k == 1 row may hold before it prunes; on random data it holds one or two.
+constexpr int kNearestCandidates = 512;
 
-// Monotone map of the float order onto the uint32 order (for -0.0 < +0.0 it differs; distances are never -0.0:
-// ||z||^2 >= +0 and +0 + -0 = +0).
+// Monotone map of the float order onto the uint32 order (for -0.0 < +0.0 it differs; the re-ranked distances are
+// never -0.0: the difference form starts at +0 and adds squares).
 inline uint32_t ordered_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -58,81 +64,80 @@ inline float next_up(float x) {
   return x;
 }
 
+enum class RowMode : int32_t {
+  kSearch,     // candidates from the window, then the exact re-rank
+  kFullPass,   // the difference form for every code (window overflowed, or norms too large for the bound)
+  kNonFinite,  // the row has a NaN/inf entry: every distance is +inf, the answer is codes 0..k-1
+};
+
 struct RowState {
-  float filt;   // acc >= filt  =>  dist >= thr  (-inf marks a padding row: never a hit)
+  float win;    // acc < win => candidate; -inf: collect nothing (padding row, or mode != kSearch)
   float thr;    // see the invariants; +inf until k candidates are held
-  float znorm;  // ||z||^2, fp32 FMA chain in d order
+  float e2;     // 2 E_i rounded up
   int32_t k;      // codes this row needs
   int32_t count;  // candidates held
-  int32_t cap;    // held candidates that trigger a compaction (k == 1: 1)
-  int64_t row;    // the row of z
-  float* dist;    // [cap + kLanes]: the last vector's compress store may write past cap
+  int32_t cap;    // held candidates that trigger a compaction
+  RowMode mode;
+  int64_t row;  // the row of z
+  float* acc;   // [cap + kLanes]: the last vector's compress store may write past cap
   int32_t* idx;
 };
 
-// f = the next float above fl(thr - ||z||^2) is >= the exact thr - ||z||^2, so acc >= f implies
-// ||z||^2 + acc >= thr exactly, hence fl(||z||^2 + acc) >= thr (rounding is monotone). thr = +inf gives +inf; a
-// NaN/inf ||z||^2 gives NaN, which no compare passes: such rows hold nothing and end as 0..k-1 at +inf.
-inline void update_filter(RowState& s) { s.filt = next_up(s.thr - s.znorm); }
+inline void update_window(RowState& s) { s.win = next_up(s.thr + s.e2); }
+
+// Too many candidates inside the window: stop collecting; the row gets the full difference-form pass.
+inline void overflow(RowState& s) {
+  s.mode = RowMode::kFullPass;
+  s.win = -kInf;
+  s.count = 0;
+}
 
 template <bool kStrict>
-inline int count_below(const RowState& s, float x) {  // #held with dist < x (kStrict) or <= x
+inline int count_below(const RowState& s, float x) {  // #held with acc < x (kStrict) or <= x
   const vfloat xv = simd::broadcast(x);
   int n = 0;
   for (int j = 0; j < s.count; j += kLanes) {
-    const vfloat d = simd::loadu(s.dist + j);
-    const uint32_t m = (kStrict ? simd::lt_mask(d, xv) : simd::le_mask(d, xv)) & simd::head_mask(s.count - j);
+    const vfloat a = simd::loadu(s.acc + j);
+    const uint32_t m = (kStrict ? simd::lt_mask(a, xv) : simd::le_mask(a, xv)) & simd::head_mask(s.count - j);
     n += __builtin_popcount(m);
   }
   return n;
 }
 
-// Shrinks the held set to the candidates with dist <= x (and, when that is more than `limit`, to exactly k:
-// those below x plus the lowest-index ones at x), and sets thr = x. Requires #(dist <= x) >= k.
-inline void keep_up_to(RowState& s, float x, int limit) {
-  const int le = count_below<false>(s, x);
-  const vfloat xv = simd::broadcast(x);
+// thr = x (requires #(acc <= x) >= k), then keeps only the held codes inside the new window (stable).
+inline void narrow_to(RowState& s, float x) {
+  s.thr = x;
+  update_window(s);
+  const vfloat wv = simd::broadcast(s.win);
   int out = 0;
-  if (le <= limit) {
-    for (int j = 0; j < s.count; j += kLanes) {
-      const uint32_t m = simd::le_mask(simd::loadu(s.dist + j), xv) & simd::head_mask(s.count - j);
-      simd::compress_store(s.idx + out, m, s.idx + j);
-      out += simd::compress_store(s.dist + out, m, simd::loadu(s.dist + j));
-    }
-  } else {  // many ties at x: keep every dist < x, then the first (= lowest-index) ones equal to x
-    int at_x = s.k - count_below<true>(s, x);
-    for (int j = 0; j < s.count; ++j) {
-      const float d = s.dist[j];
-      if (d < x || (d == x && at_x-- > 0)) {
-        s.dist[out] = d;
-        s.idx[out++] = s.idx[j];
-      }
-    }
+  for (int j = 0; j < s.count; j += kLanes) {
+    const uint32_t m = simd::lt_mask(simd::loadu(s.acc + j), wv) & simd::head_mask(s.count - j);
+    simd::compress_store(s.idx + out, m, s.idx + j);
+    out += simd::compress_store(s.acc + out, m, simd::loadu(s.acc + j));
   }
   s.count = out;
-  s.thr = x;
-  update_filter(s);
 }
 
-// Picks x with k <= #(dist <= x) <= k + slack by bisection on the ordered float bits (each step one vectorized
-// count), then keeps dist <= x. slack = 0 asks for the exact k-th distance. Requires count >= k >= 2.
+// Picks x with k <= #(acc <= x) <= k + slack by bisection on the ordered float bits (each step one vectorized
+// count), then narrows the window to x. Requires count >= k >= 2. Ties and the window may leave more than
+// k + slack held; the caller checks the room left.
 __attribute__((noinline)) inline void compact(RowState& s, int slack) {
   vfloat lo_v = simd::broadcast(kInf), hi_v = simd::broadcast(-kInf);
   int j = 0;
   for (; j + kLanes <= s.count; j += kLanes) {
-    const vfloat d = simd::loadu(s.dist + j);
-    lo_v = simd::min_drop_nan(d, lo_v);
-    hi_v = simd::max_drop_nan(d, hi_v);
+    const vfloat a = simd::loadu(s.acc + j);
+    lo_v = simd::min_drop_nan(a, lo_v);
+    hi_v = simd::max_drop_nan(a, hi_v);
   }
   alignas(64) float lo_l[kLanes], hi_l[kLanes];
   simd::store(lo_l, lo_v);
   simd::store(hi_l, hi_v);
   float mn = *std::min_element(lo_l, lo_l + kLanes), mx = *std::max_element(hi_l, hi_l + kLanes);
   for (; j < s.count; ++j) {
-    mn = std::min(mn, s.dist[j]);
-    mx = std::max(mx, s.dist[j]);
+    mn = std::min(mn, s.acc[j]);
+    mx = std::max(mx, s.acc[j]);
   }
-  // Invariant: #(dist <= from_ordered_bits(lo)) < k <= #(dist <= from_ordered_bits(hi)) = hi_count.
+  // #(acc <= from_ordered_bits(hi)) = hi_count >= k throughout; lo only bounds the search from below.
   uint32_t lo = ordered_bits(mn) - 1, hi = ordered_bits(mx);
   int hi_count = s.count;
   while (hi - lo > 1 && hi_count > s.k + slack) {
@@ -145,109 +150,55 @@ __attribute__((noinline)) inline void compact(RowState& s, int slack) {
       lo = mid;
     }
   }
-  keep_up_to(s, from_ordered_bits(hi), s.k + slack);
+  narrow_to(s, from_ordered_bits(hi));
 }
 
-// k == 1, the rare slow path: panel `panel`'s smallest accumulator `acc_min` is below filt. Only the panel is
-// recorded (idx[0] = panel); which of its codes it is gets settled once per row at the end (the engine
-// recomputes that panel's distances with the same arithmetic and takes the first code at the best distance).
-// Strict < keeps the earlier panel on ties.
-inline void on_min_hit(RowState& s, float acc_min, int32_t panel) {
-  const float d = s.znorm + acc_min;
-  if (d < s.thr) {
-    s.thr = d;
-    s.dist[0] = d;
-    s.idx[0] = panel;
-    s.count = 1;
-    update_filter(s);
+// k == 1: the panel's smallest accumulator `acc_min` is below win. A new minimum narrows the window first; then the
+// panel's codes inside the window are appended (on random data this is a rare path: a row's minimum improves about
+// ln K times, and a runner-up rarely falls within 2E; on near-tie data it collects the few hundred codes of a
+// cluster). A full buffer is pruned to the current window first.
+template <int kVecs>
+inline void on_min_hit(RowState& s, float acc_min, const vfloat* acc, int32_t base) {
+  constexpr int kPanel = kVecs * kLanes;
+  if (acc_min < s.thr) {
+    s.thr = acc_min;
+    update_window(s);
+  }
+  if (s.count + kPanel > s.cap) {
+    narrow_to(s, s.thr);
+    if (s.count + kPanel > s.cap) return overflow(s);
+  }
+  const vfloat win = simd::broadcast(s.win);
+  for (int v = 0; v < kVecs; ++v) {
+    const uint32_t mask = simd::lt_mask(acc[v], win);
+    simd::compress_iota(s.idx + s.count, mask, base + v * kLanes);
+    s.count += simd::compress_store(s.acc + s.count, mask, acc[v]);
   }
 }
 
-// k > 1: appends the panel's codes [base, base + kVecs * kLanes) with dist < thr, branch-free (vector compress).
+// k > 1: appends the panel's codes [base, base + kVecs * kLanes) with acc < win, branch-free (vector compress).
 // At k ~ 100 most panels of a row hold a candidate, so a filter branch would mostly mispredict; this costs a
-// fixed ~12 vector ops per row and panel instead.
+// fixed ~10 vector ops per row and panel instead.
 template <int kVecs>
 inline void append_panel(RowState& s, const vfloat* acc, int32_t base) {
-  // Compacting down to at most k + one panel leaves room for (buffer panels - 1) worst-case panels, typically
-  // dozens of panels' worth of candidates.
-  if (__builtin_expect(s.count + kVecs * kLanes > s.cap, 0)) compact(s, kVecs * kLanes);
-  const vfloat zn = simd::broadcast(s.znorm);
-  const vfloat thr = simd::broadcast(s.thr);
-  // Locals: through the struct, every store into dist/idx would force a reload of count (possible aliasing).
-  float* const dist = s.dist;
+  constexpr int kPanel = kVecs * kLanes;
+  if (__builtin_expect(s.count + kPanel > s.cap, 0)) {
+    compact(s, kPanel);
+    if (s.count + kPanel > s.cap) return overflow(s);
+  }
+  const vfloat win = simd::broadcast(s.win);
+  // Locals: through the struct, every store into acc/idx would force a reload of count (possible aliasing).
+  float* const held = s.acc;
   int32_t* const idx = s.idx;
   int count = s.count;
 #pragma GCC unroll 8
   for (int v = 0; v < kVecs; ++v) {
-    const vfloat dv = simd::add(zn, acc[v]);
-    const uint32_t mask = simd::lt_mask(dv, thr);
+    const uint32_t mask = simd::lt_mask(acc[v], win);
     simd::compress_iota(idx + count, mask, base + v * kLanes);
-    count += simd::compress_store(dist + count, mask, dv);
+    count += simd::compress_store(held + count, mask, acc[v]);
   }
   s.count = count;
-  if (__builtin_expect(s.thr == kInf && count >= s.k, 0)) compact(s, kVecs * kLanes);
-}
-
-// Sorts n keys ascending. A bucket pass on the distance bits (monotone, so buckets are in order) then an insertion
-// sort that only fixes order inside buckets: O(n) for the few hundred keys of a row, where std::sort spent as
-// long as the whole distance sweep of a row at k = 100.
-inline void sort_keys(uint64_t* keys, int n, std::vector<uint64_t>& scratch) {
-  if (n > 32) {
-    uint32_t lo = 0xFFFFFFFFu, hi = 0;
-    for (int j = 0; j < n; ++j) {
-      const uint32_t u = uint32_t(keys[j] >> 32);
-      lo = std::min(lo, u);
-      hi = std::max(hi, u);
-    }
-    const int buckets = n;
-    const double scale = double(buckets) / (double(hi - lo) + 1.0);  // bucket = floor((u - lo) * scale) < buckets
-    scratch.assign(size_t(n) + buckets + 1, 0);
-    uint64_t* counts = scratch.data() + n;  // [buckets + 1] prefix sums
-    for (int j = 0; j < n; ++j) ++counts[1 + int(double(uint32_t(keys[j] >> 32) - lo) * scale)];
-    for (int b = 0; b < buckets; ++b) counts[b + 1] += counts[b];
-    for (int j = 0; j < n; ++j) scratch[counts[int(double(uint32_t(keys[j] >> 32) - lo) * scale)]++] = keys[j];
-    std::copy_n(scratch.data(), n, keys);
-  }
-  for (int j = 1; j < n; ++j) {
-    const uint64_t key = keys[j];
-    int i = j;
-    for (; i > 0 && keys[i - 1] > key; --i) keys[i] = keys[i - 1];
-    keys[i] = key;
-  }
-}
-
-// The row's k nearest, ascending by (dist, idx), into dist/idx [k]; completed with the lowest unused codes at
-// +inf when fewer than k distances were finite. sorted = false sets only [0] and [k - 1] (what perturb_codes
-// reads), which needs no sort.
-inline void finish(RowState& s, bool sorted, float* dist, int32_t* idx, std::vector<uint64_t>& keys,
-                   std::vector<uint64_t>& scratch) {
-  if (s.k > 1 && s.count > s.k) compact(s, 0);
-  keys.resize(s.count);
-  for (int j = 0; j < s.count; ++j) keys[j] = make_key(s.dist[j], s.idx[j]);
-  if (!sorted && s.count == s.k) {
-    const auto [lo, hi] = std::minmax_element(keys.begin(), keys.end());
-    dist[0] = key_dist(*lo);
-    idx[0] = key_idx(*lo);
-    dist[s.k - 1] = key_dist(*hi);
-    idx[s.k - 1] = key_idx(*hi);
-    return;
-  }
-  sort_keys(keys.data(), s.count, scratch);
-  for (int j = 0; j < s.count; ++j) {
-    dist[j] = key_dist(keys[j]);
-    idx[j] = key_idx(keys[j]);
-  }
-  if (s.count < s.k) {
-    std::vector<int32_t> held(idx, idx + s.count);
-    std::sort(held.begin(), held.end());
-    int32_t next = 0;
-    size_t h = 0;
-    for (int j = s.count; j < s.k; ++j) {
-      while (h < held.size() && held[h] == next) ++next, ++h;
-      dist[j] = kInf;
-      idx[j] = next++;
-    }
-  }
+  if (__builtin_expect(s.thr == kInf && count >= s.k, 0)) compact(s, kPanel);
 }
 
 }  // namespace tokpost::row_topk

@@ -19,6 +19,8 @@ inline void store(float* p, vfloat a) { _mm512_store_ps(p, a); }
 inline vfloat broadcast(float x) { return _mm512_set1_ps(x); }
 inline vfloat fmadd(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
 inline vfloat add(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
+inline vfloat sub(vfloat a, vfloat b) { return _mm512_sub_ps(a, b); }
+inline vfloat mul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
 // x86 MINPS returns its second operand when either is NaN: min_drop_nan(a, b) never lets a NaN in `a` through.
 // (All-lanes masked forms here and below: GCC 12's unmasked AVX-512 intrinsics start from _mm512_undefined_ps and
 // trip -Wmaybe-uninitialized inside its own header.)
@@ -36,6 +38,7 @@ inline float hmin(vfloat a) {  // a must hold no NaN
   return _mm512_cvtss_f32(a);
 }
 inline vfloat loadu(const float* p) { return _mm512_loadu_ps(p); }
+inline void storeu(float* p, vfloat a) { _mm512_storeu_ps(p, a); }
 // Packs the lanes selected by `mask` to the front of dst (which must have kLanes writable slots), in lane order;
 // returns how many were selected. Register compress + full store: vcompressps to memory is microcoded on Intel.
 inline int compress_store(float* dst, uint32_t mask, vfloat v) {
@@ -61,6 +64,8 @@ inline void store(float* p, vfloat a) { _mm256_store_ps(p, a); }
 inline vfloat broadcast(float x) { return _mm256_set1_ps(x); }
 inline vfloat fmadd(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
 inline vfloat add(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
+inline vfloat sub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
+inline vfloat mul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
 inline vfloat min_drop_nan(vfloat a, vfloat b) { return _mm256_min_ps(a, b); }
 inline vfloat max_drop_nan(vfloat a, vfloat b) { return _mm256_max_ps(a, b); }
 inline uint32_t lt_mask(vfloat a, vfloat b) {
@@ -70,6 +75,7 @@ inline uint32_t le_mask(vfloat a, vfloat b) {
   return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_LE_OQ)));
 }
 inline vfloat loadu(const float* p) { return _mm256_loadu_ps(p); }
+inline void storeu(float* p, vfloat a) { _mm256_storeu_ps(p, a); }
 inline float hmin(vfloat a) {  // a must hold no NaN
   __m128 m = _mm_min_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   m = _mm_min_ps(m, _mm_movehl_ps(m, m));
@@ -85,11 +91,14 @@ inline void store(float* p, vfloat a) { *p = a; }
 inline vfloat broadcast(float x) { return x; }
 inline vfloat fmadd(vfloat a, vfloat b, vfloat c) { return __builtin_fmaf(a, b, c); }
 inline vfloat add(vfloat a, vfloat b) { return a + b; }
+inline vfloat sub(vfloat a, vfloat b) { return a - b; }
+inline vfloat mul(vfloat a, vfloat b) { return a * b; }
 inline vfloat min_drop_nan(vfloat a, vfloat b) { return a < b ? a : b; }
 inline vfloat max_drop_nan(vfloat a, vfloat b) { return a > b ? a : b; }
 inline uint32_t lt_mask(vfloat a, vfloat b) { return a < b ? 1u : 0u; }
 inline uint32_t le_mask(vfloat a, vfloat b) { return a <= b ? 1u : 0u; }
 inline vfloat loadu(const float* p) { return *p; }
+inline void storeu(float* p, vfloat a) { *p = a; }
 inline float hmin(vfloat a) { return a; }
 #endif
 

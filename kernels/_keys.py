@@ -1,4 +1,4 @@
-"""Packed (distance, code index) keys: the one value the Triton top-k kernels sort and merge.
+"""Packed (distance, code index) keys: the one value the Triton re-rank sorts and merges.
 
 # dist: fp32 [...], index: int32/int64 [...] in [0, 2**31)  ->  key: int64 [...]
 key = (order-preserving int32 of the fp32 distance) << 32 | index
@@ -7,8 +7,9 @@ the smaller distance and, on equal distances, the lower index: the "ties go to t
 docs/INTERFACES.md holds with no extra compare. Every key is unique (indices are), which the bitonic merge does not
 need but which makes the result independent of how the codebook was tiled or split.
 
-Callers turn NaN distances into +inf before packing (the contract orders NaN as +inf) and -0.0 into +0.0, because
-the bit trick orders -0.0 just below +0.0 while the reference's float sort calls them equal.
+Callers turn NaN distances into +inf before packing (the contract orders NaN as +inf). The difference-form
+distances the re-rank packs are never -0.0 (a sum of squares starting at +0.0), which the bit trick would order
+just below +0.0.
 """
 
 import os
@@ -17,11 +18,9 @@ import numpy as np
 import triton
 import triton.language as tl
 
-# Larger than every real key (a real key's high word is at most +inf's 0x7F800000): fills padded codebook columns
+# Larger than every real key (a real key's high word is at most +inf's 0x7F800000): fills invalid candidate slots
 # and the not-yet-filled slots of a running top-k list.
 KEY_PAD = tl.constexpr(0x7FFFFFFFFFFFFFFF)
-# Keys hold the code index in their low 32 bits.
-MAX_CODES = 2**31 - 1
 
 
 def _interpreter_fast_xor_reduce() -> None:
@@ -77,6 +76,20 @@ def key_to_dist(key):
 @triton.jit
 def key_to_index(key):
     return key & 0xFFFFFFFF
+
+
+@triton.jit
+def smallest_ascending(keys, KP: tl.constexpr, WIDTH: tl.constexpr):
+    """The KP smallest keys of each row of [BR, WIDTH] int64 keys (all >= 0), ascending: [BR, KP].
+
+    Written with tl.sort / tl.topk(x, k, dim) only, which triton 3.6 and 3.8 share (3.6's topk has no
+    `descending`: it always takes the largest, so it runs on the negated keys)."""
+    if KP == 1:
+        return tl.min(keys, axis=1)[:, None]
+    elif KP == WIDTH:
+        return tl.sort(keys, dim=1)
+    else:
+        return -tl.topk(-keys, KP, dim=1)
 
 
 @triton.jit

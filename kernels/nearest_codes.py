@@ -1,53 +1,52 @@
-"""Triton k-nearest codebook search (`knn_codes` of docs/INTERFACES.md), never materializing N x K distances.
+"""Triton k-nearest codebook search (`knn_codes` of docs/INTERFACES.md), exact, never materializing N x K distances.
 
 Shapes and dtypes
   z         [N, D]  fp32 / fp16 / bf16 (last dim contiguous; a copy is made otherwise)
   codebook  [K, D]  same dtype as z
-  dist      [N, k]  fp32, ascending, ||z||^2 - 2 z.c + ||c||^2 accumulated in fp32 (a hair below 0 is possible)
-  idx       [N, k]  int64; ties go to the lowest index; a NaN distance orders as +inf and is returned as +inf
+  dist      [N, k]  fp32, ascending: the contract's difference-form distance (bit-identical to the reference)
+  idx       [N, k]  int64; ties go to the lowest index; NaN / inf entries order as +inf, in index order
 
-Algorithm: one program per tile of BLOCK_N rows streams the codebook in tiles of BLOCK_K codes; z stays in
-registers (or is re-read per D chunk when D > BLOCK_D). k = 1 keeps a running (min, argmin) per row. k > 1 packs
-(distance, index) into one int64 key (kernels/_keys.py), takes each tile's KP = next_pow2(k) smallest keys with a
-bitonic top-k, and merges them into the running sorted list with min(running_desc, tile_asc) + one bitonic merge.
-When the row tiles alone cannot fill the GPU (small N), the codebook is split over SPLIT programs per row tile;
-each writes its sorted partial list of KP keys and a second small kernel merges the SPLIT lists per row.
+Algorithm (each step its own kernel; docs/INTERFACES.md "Exact nearest codes" derives the bound):
+  1. prepare_operands (kernels/_search.py): augmented bf16 operands whose single dot is ||z - c||^2 / 2 up to a
+     stated per-row bound E_i; codes padded to whole tiles with NaN search values (no masks in any loop).
+  2. _scan_kernel (kernels/_scan.py): per slot (tile column) the R smallest search values over the codebook;
+     per row either settled (k = 1, nothing else within the window: the winning code, or at small D the winning
+     slot's K / BLOCK_K codes) or a threshold that holds every true top-k code.
+  3. _collect_kernel: only for the rows of step 2 that need it: every code under the row threshold, compacted
+     into a per-row candidate buffer.
+  4. _rerank_kernel (kernels/_rerank.py): exact difference-form distance of every candidate, one sort per row
+     (a row whose candidates overflow their buffer streams every code instead: exact, slower).
+Not done: splitting the codebook across programs when N is small (few row tiles leave SMs idle), TMA loads.
+`search_plan` picks every tile size and constexpr; `kernel_specs` lists the compiled variants of a plan, which is
+what benchmarks/kernel_report.py compiles for sm_90 / sm_80 without a GPU.
 """
 
-import os
+from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
 
-from tokpost_fast.kernels._keys import KEY_PAD, MAX_CODES, dist_to_key, key_to_dist, key_to_index, merge_topk_desc
-
-# ----------------------------------------------------------------------------------------------------------------
-# Helpers
-# ----------------------------------------------------------------------------------------------------------------
+from tokpost_fast.kernels._rerank import DIRECT_BLOCK_R, RERANK_WARPS, VECTOR_MIN_D, _rerank_kernel
+from tokpost_fast.kernels._scan import _collect_kernel, _scan_kernel
+from tokpost_fast.kernels._search import Layout, cdiv, interpreted, next_pow2, pack_bits, pack_rel, plan_layout
+from tokpost_fast.kernels._search import prepare_operands
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The running list is KP int64 keys per row in registers; past 1024 it no longer fits any tile shape.
+# The re-rank keeps KP int64 keys per row and the scan R <= 4 running minima per slot.
 MAX_K = 1024
-# Widest D chunk held per tile; larger D is looped over in chunks of this size.
-MAX_BLOCK_D = 128
-# A split of the codebook covers whole tiles of every config in the tuning grid (largest BLOCK_K is 256).
-SPLIT_ALIGN = 256
-# Each split streams at least this many codes, so the partial write and merge stay a small fraction of the work.
-MIN_CODES_PER_SPLIT = 1024
-MERGE_BLOCK_N = 16
+# Codes are int32 inside the kernels.
+MAX_CODES = 2**31 - 1 - 4096
+# Shared memory per block (opt-in maximum) by compute capability: sm_90 227 KiB, sm_80 163 KiB.
+SMEM_BYTES = {9: 227 * 1024, 8: 163 * 1024}
+TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+SLOT_MODE_MAX_DPAD = 32
 
 
-def next_pow2(v: int) -> int:
-    return 1 if v <= 1 else 1 << (v - 1).bit_length()
-
-
-def cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def rerank_elements(D: int) -> int:
+    """Candidates per re-rank program: [rows, WIDTH, 8] fp32 blocks stay in registers (D >= 64, 8 dimensions per
+    load), else [rows, WIDTH] scalars, 16 candidates per thread (more spill: the pointers are 64-bit)."""
+    return 512 if D >= VECTOR_MIN_D.value else (2048 if D <= 8 else 1024)
+CONFIG_KEYS = {"BLOCK_N", "BLOCK_K", "num_warps", "num_stages"}
 
 
 def check_inputs(z: torch.Tensor, codebook: torch.Tensor, k: int, k_name: str = "k"):
@@ -71,347 +70,184 @@ def check_inputs(z: torch.Tensor, codebook: torch.Tensor, k: int, k_name: str = 
     if D == 0 or K == 0:
         raise ValueError(f"codebook must be non-empty, got shape {tuple(codebook.shape)}")
     if K > MAX_CODES:
-        raise ValueError(f"codebook has {K} codes; the packed keys hold at most {MAX_CODES}")
+        raise ValueError(f"codebook has {K} codes; the kernels index at most {MAX_CODES}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(K, MAX_K):
         raise ValueError(f"{k_name} must be an int in [1, min(K, {MAX_K})] = [1, {min(K, MAX_K)}], got {k!r}")
-    # Rows may be strided (a slice of a bigger batch); the D axis must be unit-stride for vector loads.
     z = z if z.stride(1) == 1 else z.contiguous()
     codebook = codebook if codebook.stride(1) == 1 else codebook.contiguous()
     return z, codebook
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Tuning grid, prune predicate, per-GPU heuristics, split planning
-# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SearchPlan:
+    layout: Layout
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    tracked: int  # R: running minima per slot
+    pack_bits: int  # 0: no tile number packed (top-k, slot mode)
+    num_tiles: int
+    kp: int  # next_pow2(k): the re-rank's sorted list
+    cap: int  # candidate buffer per row
+    width: int  # candidates per re-rank chunk
+    block_r: int  # rows per re-rank program
+    perturb: bool
+    d: int
+    input_dtype: str  # Triton's name of the z / codebook dtype: "fp32", "fp16", "bf16"
 
-TUNE_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bn in (16, 32, 64, 128)
-    for bk in (32, 64, 128, 256)
-    for w in (4, 8)
-    for s in (1, 2, 3)
-]
+    @property
+    def need_kth(self) -> bool:
+        return self.kp > 1 or self.perturb
 
+    @property
+    def slot_mode(self) -> bool:
+        return self.pack_bits == 0 and (self.kp == 1 or self.perturb)
 
-def _smem_limit(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1 << 30
-    props = torch.cuda.get_device_properties(device)
-    return int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
+    def direct_launch(self) -> tuple:
+        """(WIDTH, SLOT_STRIDE) of the DIRECT re-rank: one code, or every code of the winning slot."""
+        return (next_pow2(self.num_tiles), self.block_k) if self.slot_mode else (1, 0)
 
-
-def config_fits(bn: int, bk: int, warps: int, stages: int, KP: int, BLOCK_D: int, elem_bytes: int, smem: int) -> bool:
-    """Whether a tile config can run well: the prune predicate of the tuning grid."""
-    if bk < KP:  # a tile must hold a whole candidate list
-        return False
-    if KP == 1:
-        if bn * bk > 128 * 128:  # the fp32 distance tile must stay in registers
-            return False
-    elif bn * bk > 4096 or bn * KP > 4096:  # int64 keys of the tile and of the running lists, in registers
-        return False
-    if warps > 4 and bn * bk < 64 * 64:  # small tiles leave extra warps idle
-        return False
-    # Shared memory: the z tile plus one codebook tile per pipeline stage.
-    return BLOCK_D * elem_bytes * (bn + stages * bk) <= smem
-
-
-def _prune(configs, named_args, **kwargs):
-    KP, BLOCK_D = kwargs["KP"], kwargs["BLOCK_D"]
-    z = named_args["z_ptr"]
-    smem = _smem_limit(z.device)
-    kept = [
-        c for c in configs
-        if config_fits(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages, KP, BLOCK_D, z.element_size(), smem)
-    ]
-    return kept or [triton.Config({"BLOCK_N": 16, "BLOCK_K": max(32, KP)}, num_warps=4, num_stages=1)]
+    @property
+    def direct_block_r(self) -> int:
+        # Rows per DIRECT program: [rows, WIDTH] candidates within RERANK_ELEMENTS.
+        # (The perturbation's epilogue holds the drawn ranks too: half as many rows, or triton 3.6 spills.)
+        elements = rerank_elements(self.d) // (2 if self.perturb else 1)
+        return max(1, min(DIRECT_BLOCK_R, elements // self.direct_launch()[0]))
 
 
-def heuristic_config(N: int, K: int, D: int, KP: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """A tile config without timing anything. Starting points by GPU generation, NOT measured in this repo yet
-    (no GPU was available when they were written); `config="autotune"` times the pruned grid instead."""
-    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
-    if KP == 1:
-        if cap >= (9, 0):  # H100/H200: 228 KiB smem, deep cp.async/TMA pipelines pay off
-            cfg = dict(BLOCK_N=128 if N >= 65536 else 64, BLOCK_K=64, num_warps=4, num_stages=3)
-        elif cap >= (8, 0):  # A100-class
-            cfg = dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)
-        else:
-            cfg = dict(BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
-    else:
-        # The bitonic top-k costs O(BLOCK_K log^2 KP) integer ops per row per tile, far more than the
-        # tensor-core dot, so tiles stay narrow (BLOCK_K = KP, at least 32) and short (registers hold the lists).
-        bk = max(32, KP)
-        bn = max(16, min(64, 4096 // bk))
-        # Full 4096-key tiles get 8 warps so each thread holds half as many int64 keys (fewer spills).
-        cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bn * bk >= 4096 else 4,
-                   num_stages=2 if cap >= (8, 0) else 1)
-    elem = torch.tensor([], dtype=dtype).element_size()
-    block_d = min(next_pow2(max(D, 16)), MAX_BLOCK_D)
-    while not config_fits(cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["num_stages"], KP, block_d, elem,
-                          _smem_limit(device)) and cfg["num_stages"] > 1:
-        cfg["num_stages"] -= 1
-    return cfg
+def _stages(block_n: int, block_k: int, dpad: int, major: int) -> int:
+    """Pipeline depth: as many codebook tiles in flight as fit next to the resident z tile while two programs
+    share an SM (one's epilogue then runs under the other's tensor-core work), else while one program fits."""
+    smem = SMEM_BYTES.get(major, 1 << 30)
+    tile, resident = 2 * block_k * dpad, 2 * block_n * dpad
+    for budget in (smem // 2 - 2048, smem - 8 * 1024):
+        for stages in (3, 2):
+            if stages * tile + resident <= budget:
+                return stages
+    return 1
 
 
-def plan_split(N: int, K: int, block_n: int, align: int, device: torch.device, forced) -> tuple:
-    """(splits, codes_per_split): how many programs share one row tile's codebook scan."""
-    if forced is not None:
-        splits = int(forced)
-    elif device.type != "cuda":
-        splits = 1
-    else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        row_tiles = cdiv(N, block_n)
-        # Two waves of programs hide the tail; below that, split K until they exist or the splits get too short.
-        splits = 1 if row_tiles >= sms else min(cdiv(2 * sms, row_tiles), cdiv(K, MIN_CODES_PER_SPLIT))
-    splits = max(1, min(splits, cdiv(K, align)))
-    if splits == 1:
-        return 1, K
-    codes_per_split = cdiv(cdiv(K, splits), align) * align
-    return cdiv(K, codes_per_split), codes_per_split
+def search_plan(N: int, K: int, D: int, k: int, dtype: torch.dtype, perturb: bool, capability, config=None):
+    """Every tile size and constexpr of one call. capability: (major, minor) of the GPU, (0, 0) for the
+    interpreter. config: None / "heuristic", or a dict forcing BLOCK_N, BLOCK_K, num_warps, num_stages."""
+    layout = plan_layout(D, dtype)
+    kp = next_pow2(k)
+    major = capability[0]
+    if major >= 9 and layout.dpad <= SLOT_MODE_MAX_DPAD:
+        # H100 / H200, small D (slot mode): two warpgroups, each a 64 x 64 wgmma of the 64 x 128 tile; 76 registers,
+        # so three programs share an SM and hide the epilogue (the bound) behind each other's loads and MMAs.
+        block_n, block_k, warps = 64, 128, 8
+    elif major >= 9:
+        # Wider D: one warpgroup, 64 x 64 tiles, so the running minima and the resident z tile leave room for two
+        # programs per SM (large D is tensor-core bound, and the second program keeps the tensor cores fed).
+        block_n, block_k, warps = 64, 64, 4
+    elif major >= 8:  # A100: mma.sync, smaller tiles keep the running minima in registers
+        block_n, block_k, warps = 64, 64, 4
+    else:  # the interpreter: small tiles keep numpy's work per program short
+        block_n, block_k, warps = 32, 32, 4
+    block_k = min(block_k, max(16, next_pow2(K)))
+    # R minima per slot must hold k values in total (R <= 4): wide k widens the tile and narrows the rows.
+    block_k = max(block_k, min(kp // 4, 256))
+    block_n = max(16, min(block_n, 64 * 128 // block_k))
+    if config not in (None, "heuristic"):
+        if not isinstance(config, dict):
+            raise ValueError(f"config must be None, 'heuristic' or a dict, got {config!r}")
+        unknown = set(config) - CONFIG_KEYS
+        if unknown:
+            raise ValueError(f"config has unknown keys {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}")
+        block_n = config.get("BLOCK_N", block_n)
+        block_k = config.get("BLOCK_K", block_k)
+        warps = config.get("num_warps", warps)
+        for key, value in (("BLOCK_N", block_n), ("BLOCK_K", block_k)):
+            if not isinstance(value, int) or value < 16 or value & (value - 1):
+                raise ValueError(f"config[{key!r}] must be a power of two >= 16 (tl.dot's minimum), got {value!r}")
+        block_k = max(block_k, kp // 4)  # at most 4 running minima per slot must hold k values
+    # Two minima per slot: k = 1 needs the second to know the winner is alone; top-k gets a threshold near the
+    # true k-th value (the k-th of 2 * BLOCK_K tracked values), so about k candidates reach the re-rank.
+    # (Large D runs 64-wide tiles: there 2 * BLOCK_K >= k values is the register budget.)
+    tracked = min(4, max(2, cdiv((2 if layout.dpad <= SLOT_MODE_MAX_DPAD else 1) * kp, block_k)))
+    tracked = 4 if tracked == 3 else tracked
+    # Slot mode (kernels/_scan.py): at small D a settled k = 1 row re-ranks its winning slot's K / BLOCK_K codes
+    # exactly instead of paying a packed tile number and a second minimum per element.
+    slot_mode = (k == 1 or perturb) and layout.dpad <= SLOT_MODE_MAX_DPAD
+    if slot_mode and k == 1:
+        tracked = 1
+    stages = _stages(block_n, block_k, layout.dpad, major)
+    if isinstance(config, dict):
+        stages = config.get("num_stages", stages)
+    num_tiles = cdiv(K, block_k)
+    packed = pack_bits(num_tiles) if (k == 1 or perturb) and not slot_mode else 0
+    cap = 64 if kp == 1 and not perturb else max(2 * kp, 64)
+    width = max(kp, 32)  # re-rank chunk: about k candidates reach it, in 1-2 chunks
+    # Re-rank rows per program: the [rows, WIDTH] int64 keys stay in registers on a GPU; the interpreter takes more
+    # rows per program (numpy amortizes its per-program Python overhead over them).
+    # With k > 1 the int64 keys and their sorting network share the registers: at most 512 candidates.
+    block_r = max(1, min(16, (512 if kp > 1 else rerank_elements(D)) // width)) if major else 16
+    return SearchPlan(layout, block_n, block_k, warps, stages, tracked, packed, num_tiles, kp, cap, width, block_r,
+                      perturb, D, TRITON_DTYPE[dtype])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Kernels
-# ----------------------------------------------------------------------------------------------------------------
+def _capability(device: torch.device):
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
 
 
-@triton.jit
-def _dot_f32(a, b, IS_FP32: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    if UPCAST_DOT:
-        # Interpreter only: it keeps bf16 as raw uint16 and its dot multiplies the bit patterns. bf16 products
-        # are exact in fp32, so upcasting first gives what the tensor cores compute.
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif IS_FP32:
-        # No TF32: fp32 inputs get fp32-accurate distances, as the reference computes them.
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)  # fp16/bf16 tensor cores, fp32 accumulator
-
-
-@triton.jit
-def scan_codebook(
-    z_ptr,  # *fp32|fp16|bf16 [N, D], row stride stride_zn
-    c_ptr,  # *same [K, D], row stride stride_cn
-    csq_ptr,  # *fp32 [K] ||c||^2
-    rows, row_mask, k_lo, k_hi, D, stride_zn, stride_cn,
-    KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    D_CHUNKS: tl.constexpr, IS_FP32: tl.constexpr, UPCAST_DOT: tl.constexpr,
-):
-    """The KP smallest keys of codes [k_lo, k_hi) for each of BLOCK_N rows: int64 [BLOCK_N, KP], descending."""
-    offs_d = tl.arange(0, BLOCK_D)
-    z_rows = z_ptr + rows[:, None] * stride_zn
-    if D_CHUNKS == 1:
-        # Whole z tile resident for the entire codebook stream.
-        z_tile = tl.load(z_rows + offs_d[None, :], mask=row_mask[:, None] & (offs_d < D)[None, :], other=0.0)
-        zf = z_tile.to(tl.float32)
-        zsq = tl.sum(zf * zf, axis=1)
-    else:
-        zsq = tl.zeros([BLOCK_N], tl.float32)
-        for dc in range(D_CHUNKS):
-            d = dc * BLOCK_D + offs_d
-            zf = tl.load(z_rows + d[None, :], mask=row_mask[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-            zsq += tl.sum(zf * zf, axis=1)
-
-    if KP == 1:
-        best_dist = tl.full([BLOCK_N], float("inf"), tl.float32)
-        best_idx = tl.zeros([BLOCK_N], tl.int32) + k_lo
-    else:
-        running = tl.full([BLOCK_N, KP], KEY_PAD, tl.int64)
-
-    for k_start in range(k_lo, k_hi, BLOCK_K):
-        cols = k_start + tl.arange(0, BLOCK_K)
-        col_mask = cols < k_hi
-        c_cols = c_ptr + cols.to(tl.int64)[None, :] * stride_cn
-        csq = tl.load(csq_ptr + cols, mask=col_mask, other=0.0)
-        if D_CHUNKS == 1:
-            c_tile = tl.load(c_cols + offs_d[:, None], mask=(offs_d < D)[:, None] & col_mask[None, :], other=0.0)
-            cross = _dot_f32(z_tile, c_tile, IS_FP32, UPCAST_DOT)
-        else:
-            cross = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-            for dc in range(D_CHUNKS):
-                d = dc * BLOCK_D + offs_d
-                z_chunk = tl.load(z_rows + d[None, :], mask=row_mask[:, None] & (d < D)[None, :], other=0.0)
-                c_chunk = tl.load(c_cols + d[:, None], mask=(d < D)[:, None] & col_mask[None, :], other=0.0)
-                cross += _dot_f32(z_chunk, c_chunk, IS_FP32, UPCAST_DOT)
-        # Same association as the reference: (||z||^2 - 2 z.c) + ||c||^2.
-        dist = (zsq[:, None] - 2.0 * cross) + csq[None, :]
-        dist = tl.where(dist != dist, float("inf"), dist)  # NaN orders (and is returned) as +inf
-        if KP == 1:
-            dist = tl.where(col_mask[None, :], dist, float("inf"))
-            # tl.min's argmin breaks ties to the left (lowest index); the strict < keeps the earlier tile's.
-            tile_min, tile_arg = tl.min(dist, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            better = tile_min < best_dist
-            best_dist = tl.where(better, tile_min, best_dist)
-            best_idx = tl.where(better, k_start + tile_arg, best_idx)
-        else:
-            dist = tl.where(dist == 0.0, 0.0, dist)  # -0.0 -> +0.0: keys must see them as equal
-            keys = tl.where(col_mask[None, :], dist_to_key(dist, cols[None, :]), KEY_PAD)
-            tile_top = tl.topk(keys, KP, dim=1, descending=False)  # KP smallest, ascending
-            running = merge_topk_desc(running, tile_top, KP)
-
-    if KP == 1:
-        best_dist = tl.where(best_dist == 0.0, 0.0, best_dist)
-        running = dist_to_key(best_dist, best_idx)[:, None]
-    return running
-
-
-@triton.jit
-def store_knn(running, rows, row_mask, dist_ptr, idx_ptr, k, KP: tl.constexpr):
-    # running is descending: column j holds the (KP - 1 - j)-th nearest; keep the first k.
-    pos = KP - 1 - tl.arange(0, KP)
-    mask = row_mask[:, None] & (pos < k)[None, :]
-    offs = rows[:, None] * k + pos[None, :]
-    tl.store(dist_ptr + offs, key_to_dist(running), mask=mask)
-    tl.store(idx_ptr + offs, key_to_index(running), mask=mask)
-
-
-@triton.jit
-def store_partial(running, rows, row_mask, part_ptr, split, N, KP: tl.constexpr):
-    # Partial lists are stored ascending so the merge reads them in the order merge_topk_desc wants.
-    # (split * N + rows) stays small: splitting only happens when N is small.
-    pos = KP - 1 - tl.arange(0, KP)
-    tl.store(part_ptr + (split * N + rows)[:, None] * KP + pos[None, :], running, mask=row_mask[:, None])
-
-
-@triton.jit
-def merge_partials(part_ptr, rows, row_mask, N, SPLITS, KP: tl.constexpr, BLOCK_N: tl.constexpr):
-    running = tl.full([BLOCK_N, KP], KEY_PAD, tl.int64)
-    cols = tl.arange(0, KP)
-    for s in range(SPLITS):
-        part = tl.load(part_ptr + (s * N + rows)[:, None] * KP + cols[None, :], mask=row_mask[:, None], other=KEY_PAD)
-        running = merge_topk_desc(running, part, KP)
-    return running
-
-
-@triton.jit
-def _knn_kernel(
-    z_ptr,  # *fp32|fp16|bf16 [N, D]
-    c_ptr,  # *same [K, D]
-    csq_ptr,  # *fp32 [K] ||c||^2
-    dist_ptr,  # *fp32 [N, k] (written when SPLITS == 1)
-    idx_ptr,  # *int64 [N, k] (written when SPLITS == 1)
-    part_ptr,  # *int64 [SPLITS, N, KP] ascending partial keys (written when SPLITS > 1)
-    N, K, D, k, stride_zn, stride_cn, CODES_PER_SPLIT,
-    N_BUCKET,  # next_pow2(N): only an autotuning key
-    KP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, IS_FP32: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, WRITE_PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    split = tl.program_id(1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    k_lo = split * CODES_PER_SPLIT
-    k_hi = tl.minimum(k_lo + CODES_PER_SPLIT, K)
-    running = scan_codebook(z_ptr, c_ptr, csq_ptr, rows, row_mask, k_lo, k_hi, D, stride_zn, stride_cn,
-                            KP, BLOCK_N, BLOCK_K, BLOCK_D, D_CHUNKS, IS_FP32, UPCAST_DOT)
-    if WRITE_PARTIAL:
-        store_partial(running, rows, row_mask, part_ptr, split, N, KP)
-    else:
-        store_knn(running, rows, row_mask, dist_ptr, idx_ptr, k, KP)
-
-
-@triton.jit
-def _knn_merge_kernel(
-    part_ptr,  # *int64 [SPLITS, N, KP] ascending partial keys
-    dist_ptr,  # *fp32 [N, k]
-    idx_ptr,  # *int64 [N, k]
-    N, k, SPLITS, KP: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    running = merge_partials(part_ptr, rows, row_mask, N, SPLITS, KP, BLOCK_N)
-    store_knn(running, rows, row_mask, dist_ptr, idx_ptr, k, KP)
-
-
-@triton.jit
-def _row_sq_norm_kernel(
-    x_ptr,  # *fp32|fp16|bf16 [R, D], row stride stride_r
-    out_ptr,  # *fp32 [R]
-    R, D, stride_r, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BLOCK_R], tl.float32)
-    for dc in range(D_CHUNKS):
-        d = dc * BLOCK_D + offs_d
-        x = tl.load(x_ptr + rows[:, None] * stride_r + d[None, :], mask=(rows < R)[:, None] & (d < D)[None, :], other=0.0)
-        xf = x.to(tl.float32)
-        acc += tl.sum(xf * xf, axis=1)
-    tl.store(out_ptr + rows, acc, mask=rows < R)
-
-
-_knn_kernel_autotuned = triton.autotune(
-    TUNE_CONFIGS, key=["N_BUCKET", "K", "D", "KP", "WRITE_PARTIAL"], prune_configs_by={"early_config_prune": _prune}
-)(_knn_kernel)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Launcher
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def launch_scan(kernel, autotuned_kernel, z, codebook, k, config, extra_args, extra_out):
-    """Shared by knn_codes_triton and perturb_codes_triton: plans tiles/splits and runs kernel (+ its merge).
-
-    kernel(z, c, csq, out0, out1, part, N, K, D, k, stride_zn, stride_cn, CODES_PER_SPLIT, N_BUCKET, *extra_args,
-    KP=, BLOCK_D=, ...). Returns (splits, part, KP) so the caller runs its own merge when splits > 1.
-    """
+def run_search(z, codebook, k: int, perturb: bool, config, out0, out1, randoms=(0, 0, 0, 1)):
+    """Steps 1-4 for knn (perturb=False: out0 dist [N, k], out1 idx [N, k]) or perturbation (out0 idx [N],
+    out1 idx_perturbed [N]; randoms = (seed, threshold, position_offset, topk))."""
     N, D = z.shape
     K = codebook.shape[0]
-    KP = next_pow2(k)
-    block_d = min(next_pow2(max(D, 16)), MAX_BLOCK_D)
-    d_chunks = cdiv(D, block_d)
-    csq = torch.empty(K, dtype=torch.float32, device=z.device)
-    _row_sq_norm_kernel[(cdiv(K, 64),)](codebook, csq, K, D, codebook.stride(0), BLOCK_R=64, BLOCK_D=block_d,
-                                        D_CHUNKS=d_chunks)
-    autotune = config == "autotune" or (config is None and os.environ.get("TOKPOST_TRITON_AUTOTUNE") == "1")
-    autotune = autotune and not interpreted()  # nothing to time under the interpreter
-    if isinstance(config, dict):
-        cfg = dict(config)
-        unknown = set(cfg) - {"BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K"}
-        if unknown:
-            raise ValueError(f"config has unknown keys {sorted(unknown)}")
-        base = heuristic_config(N, K, D, KP, z.dtype, z.device)
-        cfg = {**base, **cfg}
-        for key in ("BLOCK_N", "BLOCK_K"):
-            if cfg[key] < 16 or cfg[key] & (cfg[key] - 1):
-                raise ValueError(f"config[{key!r}] must be a power of two >= 16 (tl.dot's minimum), got {cfg[key]}")
-        cfg["BLOCK_K"] = max(cfg["BLOCK_K"], KP)  # a tile must hold a whole candidate list
-    elif config is None or config in ("autotune", "heuristic"):
-        cfg = heuristic_config(N, K, D, KP, z.dtype, z.device)
-    else:
-        raise ValueError(f"config must be None, 'heuristic', 'autotune' or a dict, got {config!r}")
-    align = max(SPLIT_ALIGN, KP) if autotune else cfg["BLOCK_K"]
-    splits, codes_per_split = plan_split(N, K, cfg["BLOCK_N"], align, z.device, cfg.get("SPLIT_K"))
-    part = torch.empty((splits, N, KP) if splits > 1 else (1,), dtype=torch.int64, device=z.device)
-    common = dict(KP=KP, BLOCK_D=block_d, D_CHUNKS=d_chunks, IS_FP32=z.dtype == torch.float32,
-                  UPCAST_DOT=interpreted() and z.dtype == torch.bfloat16, WRITE_PARTIAL=splits > 1)
-    args = (z, codebook, csq, *extra_out, part, N, K, D, k, z.stride(0), codebook.stride(0), codes_per_split,
-            next_pow2(N), *extra_args)
-    if autotune:
-        grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
-        autotuned_kernel[grid](*args, **common)
-    else:
-        kernel[(cdiv(N, cfg["BLOCK_N"]), splits)](*args, **common, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return splits, part, KP
+    plan = search_plan(N, K, D, k, z.dtype, perturb, _capability(z.device), config)
+    lay = plan.layout
+    z_aug, c_aug, err = prepare_operands(z, codebook, lay, plan.block_n, plan.block_k)
+    dev = z.device
+    status = torch.empty(N, dtype=torch.int32, device=dev)
+    thr = torch.empty(N, dtype=torch.float32, device=dev)
+    rank = torch.zeros(N if perturb else 1, dtype=torch.int32, device=dev)
+    buf = torch.empty(N, plan.cap, dtype=torch.int32, device=dev)
+    count = torch.zeros(N, dtype=torch.int32, device=dev)
+    shape = dict(DPAD=lay.dpad, D_MAIN=lay.d_main, D_TAIL=lay.d_tail, D_CHUNKS=lay.d_chunks,
+                 BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, UPCAST_DOT=interpreted())
+    launch = dict(num_warps=plan.num_warps, num_stages=plan.num_stages)
+    seed, threshold, position_offset, topk = randoms
+    grid = (cdiv(N, plan.block_n),)
+    _scan_kernel[grid](z_aug, c_aug, err, status, thr, buf, rank, N, k, plan.num_tiles, plan.cap,
+                       pack_rel(plan.pack_bits), seed, threshold, position_offset, topk, **shape, R=plan.tracked,
+                       PACK_BITS=plan.pack_bits, NEED_KTH=plan.need_kth, PERTURB=perturb, **launch)
+    # Rows that pass 1 did not settle, listed first (no host sync: the count stays on the device).
+    pending = status <= 0
+    n_list = pending.sum(dtype=torch.int32).reshape(1)
+    slot = torch.where(pending, torch.cumsum(pending, 0) - 1, N)
+    rows = torch.zeros(N + 1, dtype=torch.int32, device=dev)
+    rows.scatter_(0, slot, torch.arange(N, dtype=torch.int32, device=dev))
+    _collect_kernel[grid](z_aug, c_aug, thr, rows, n_list, buf, count, plan.num_tiles, **shape, CAP=plan.cap,
+                          **launch)
+    # The re-rank reads code rows at stride D (a codebook slice is copied: K x D, small next to the search).
+    codebook = codebook.contiguous()
+    common = (z, codebook, buf, count, status, rows, n_list, rank, out0, out1, N, K, k, z.stride(0), plan.cap, D)
+    # enable_fp_fusion=False: the difference form must not become fused multiply-adds (the contract).
+    offsets_32 = K * D < 2**31
+    if plan.kp == 1 or perturb:
+        cap, stride = plan.direct_launch()
+        _rerank_kernel[(cdiv(N, plan.direct_block_r),)](*common, WIDTH=cap, KP=1, BLOCK_R=plan.direct_block_r,
+                                                        DIRECT=True, PERTURB=perturb, SLOT_STRIDE=stride,
+                                                        OFFSETS_32=offsets_32, num_warps=RERANK_WARPS,
+                                                        enable_fp_fusion=False)
+    _rerank_kernel[(cdiv(N, plan.block_r),)](*common, WIDTH=plan.width, KP=plan.kp, BLOCK_R=plan.block_r, DIRECT=False,
+                                             PERTURB=perturb, SLOT_STRIDE=0, OFFSETS_32=offsets_32,
+                                             num_warps=RERANK_WARPS, enable_fp_fusion=False)
+    return plan
 
 
 def knn_codes_triton(z: torch.Tensor, codebook: torch.Tensor, k: int, config=None):
-    """The k nearest codes of each row of z, sorted: (dist fp32 [N, k], idx int64 [N, k]).
+    """The k nearest codes of each row of z, exact and sorted: (dist fp32 [N, k], idx int64 [N, k]).
 
-    config: None or "heuristic" (per-GPU table), "autotune" (time the pruned grid once per shape; also
-    TOKPOST_TRITON_AUTOTUNE=1), or a dict forcing BLOCK_N, BLOCK_K (raised to next_pow2(k) if smaller),
-    num_warps, num_stages and SPLIT_K (codebook splits per row tile). The default is the heuristic, not the
-    autotuner, so the chosen tiles (and with them the fp32 rounding) do not depend on timing noise between runs.
-    """
+    config: None or "heuristic" (per-GPU table), or a dict forcing BLOCK_N, BLOCK_K, num_warps, num_stages of
+    the two scan passes (tests use it to make every shape span several partial tiles)."""
     z, codebook = check_inputs(z, codebook, k)
     N = z.shape[0]
     dist = torch.empty(N, k, dtype=torch.float32, device=z.device)
     idx = torch.empty(N, k, dtype=torch.int64, device=z.device)
-    if N == 0:
-        return dist, idx
-    splits, part, KP = launch_scan(_knn_kernel, _knn_kernel_autotuned, z, codebook, k, config, (), (dist, idx))
-    if splits > 1:
-        _knn_merge_kernel[(cdiv(N, MERGE_BLOCK_N),)](part, dist, idx, N, k, splits, KP=KP, BLOCK_N=MERGE_BLOCK_N)
+    if N > 0:
+        run_search(z, codebook, k, False, config, dist, idx)
     return dist, idx

@@ -1,13 +1,15 @@
-"""knn_codes_triton against nearest_codes_reference: tie-aware on random data, exact on integer data.
+"""knn_codes_triton against nearest_codes_reference: bit-identical everywhere (the exact-nearest contract).
 
 On a CPU these run the same kernel source through the Triton interpreter (small ragged shapes, forced small tiles
-so every tile is partial, and the split-K path forced). Tests marked `gpu` run natively at realistic sizes.
+so every codebook spans several tiles and the last one is padded). Tests marked `gpu` run natively at realistic
+sizes. Near-tie data (the search bound's reason to exist) are in test_triton_exact.py.
 """
 
 import pytest
 import torch
 
-from tokpost_fast.kernels.nearest_codes import MAX_K, config_fits, knn_codes_triton, plan_split
+from tokpost_fast.kernels._search import plan_layout
+from tokpost_fast.kernels.nearest_codes import MAX_K, knn_codes_triton, search_plan
 from tokpost_fast.ops.nearest_codes import nearest_codes_reference
 
 ON_GPU = torch.cuda.is_available()
@@ -17,9 +19,9 @@ gpu = pytest.mark.skipif(not ON_GPU, reason="native Triton needs a CUDA GPU (CPU
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (N, K, D, k): N = 0 and 1, D = 1 and not a power of two, K not a multiple of any tile, k = K, k = 100.
 CASES = [(0, 3, 8, 2), (1, 1, 1, 1), (37, 3, 1, 3), (37, 97, 17, 7), (130, 300, 3, 100), (37, 300, 8, 1)]
-# 16 x 16 tiles (tl.dot's minimum) make every shape above span several partial tiles; SPLIT_K forces the
-# small-N path (partial lists + merge kernel) that a GPU only takes when row tiles cannot fill it.
-CONFIGS = {"tiles16": {"BLOCK_N": 16, "BLOCK_K": 16}, "split3": {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 3}}
+# 16 x 16 tiles (tl.dot's minimum) make every shape above span several tiles with a padded last one; 64-wide code
+# tiles pack fewer tile numbers and run the wide-slot path.
+CONFIGS = {"tiles16": {"BLOCK_N": 16, "BLOCK_K": 16}, "wide": {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 2}}
 
 
 def assert_knn_tie_aware(z, codebook, dist, idx, k, atol_scale=1e-4):
@@ -48,15 +50,15 @@ def assert_knn_tie_aware(z, codebook, dist, idx, k, atol_scale=1e-4):
 @pytest.mark.parametrize("config", list(CONFIGS), ids=list(CONFIGS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N,K,D,k", CASES)
-def test_random_data_tie_aware(N, K, D, k, dtype, config):
+def test_random_data_matches_reference_exactly(N, K, D, k, dtype, config):
     gen = torch.Generator().manual_seed(N * 7919 + K * 31 + D)
     z = torch.randn(N, D, generator=gen).to(dtype).to(DEVICE)
     codebook = torch.randn(K, D, generator=gen).to(dtype).to(DEVICE)
     dist, idx = knn_codes_triton(z, codebook, k, config=CONFIGS[config])
     assert_knn_tie_aware(z, codebook, dist, idx, k)
-    ref_dist, _ = nearest_codes_reference(z, codebook, k)
-    # Both are the same fp32 expansion; they differ only by summation order.
-    torch.testing.assert_close(dist, ref_dist, atol=1e-4 * (1 + D), rtol=1e-5)
+    ref_dist, ref_idx = nearest_codes_reference(z, codebook, k)
+    # Both return the difference-form fp32 distance in (dist, index) order: nothing may differ.
+    assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
 
 
 @pytest.mark.parametrize("config", [None, *CONFIGS.values()], ids=["default", *CONFIGS])
@@ -153,47 +155,100 @@ def test_bad_inputs_raise_value_error():
         knn_codes_triton(z, codebook, 1, config={"BLOCK_M": 16})
     with pytest.raises(ValueError, match="power of two"):
         knn_codes_triton(z, codebook, 1, config={"BLOCK_N": 8})
+    with pytest.raises(ValueError, match="config"):
+        knn_codes_triton(z, codebook, 1, config="autotune")
 
 
-def test_split_plan_covers_the_codebook_without_empty_splits():
-    for K in (1, 97, 300, 4096, 16385):
-        for forced in (1, 2, 3, 7, 1000):
-            splits, per = plan_split(3, K, 16, 32, torch.device("cpu"), forced)
-            assert 1 <= splits <= forced and (splits == 1 or per % 32 == 0)
-            assert (splits - 1) * per < K <= splits * per  # every split non-empty, all codes covered
-    assert plan_split(3, 4096, 16, 32, torch.device("cpu"), None) == (1, 4096)  # no SMs to fill on the CPU
+def test_layouts_cover_the_augmented_width():
+    # bf16: D + 6 columns; fp32 / fp16: 3 D + 6 (hi/lo split), as one or two power-of-two blocks, or 64-wide chunks.
+    for D in (1, 3, 8, 17, 33, 64, 100, 256, 257):
+        for dtype in DTYPES:
+            lay = plan_layout(D, dtype)
+            assert lay.d_aug == (1 if dtype == torch.bfloat16 else 3) * D + 6
+            assert lay.dpad >= lay.d_aug and lay.dpad % 16 == 0
+            assert lay.d_chunks == 0 or (lay.d_tail == 0 and lay.dpad - lay.d_aug < lay.d_main)
+            if lay.d_chunks == 0:  # resident: waste under one block of 16 beyond a power-of-two pair
+                assert lay.d_main & (lay.d_main - 1) == 0 and (lay.d_tail & (lay.d_tail - 1)) == 0
+    assert plan_layout(8, torch.bfloat16).dpad == 16 and plan_layout(256, torch.bfloat16).dpad == 272
 
 
-def test_prune_predicate():
-    assert config_fits(32, 128, 4, 2, 128, 64, 2, 227 * 1024)
-    assert not config_fits(32, 64, 4, 2, 128, 64, 2, 227 * 1024)  # tile narrower than the candidate list
-    assert not config_fits(64, 128, 4, 2, 128, 64, 2, 227 * 1024)  # int64 key tile too big for registers
-    assert not config_fits(128, 256, 4, 3, 1, 128, 4, 163 * 1024)  # shared memory
+def test_plan_tracks_enough_values_for_k():
+    for k in (1, 2, 7, 100, 128, 129, 1000, 1024):
+        for D in (8, 256):
+            for major in (0, 8, 9):
+                plan = search_plan(65536, 16384, D, k, torch.bfloat16, False, (major, 0))
+                assert plan.tracked * plan.block_k >= plan.kp and plan.tracked in (1, 2, 4)
+                assert plan.cap >= plan.kp and plan.width >= plan.kp and plan.num_tiles * plan.block_k >= 16384
+                # k = 1: slot mode at small D (D' <= 32), packed tile numbers (enough bits) above.
+                assert plan.slot_mode == (k == 1 and plan.layout.dpad <= 32)
+                assert (plan.pack_bits > 0) == (k == 1 and not plan.slot_mode)
+                assert plan.pack_bits == 0 or 2**plan.pack_bits >= plan.num_tiles
 
 
 # ---- native GPU runs (skipped on CPU-only machines) -----------------------------------------------------------
 
 
 @gpu
-@pytest.mark.parametrize("config", [None, "autotune"])
+@pytest.mark.parametrize("config", [None, {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}], ids=["default", "tiles64"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("N,K,D,k", [(4097, 4096, 64, 1), (4097, 4096, 64, 100), (1000, 16384, 8, 7),
                                      (3, 16384, 64, 100), (5, 4097, 257, 1), (2048, 1000, 1, 128)])
-def test_gpu_tie_aware(N, K, D, k, dtype, config):
+def test_gpu_matches_reference_exactly(N, K, D, k, dtype, config):
     gen = torch.Generator().manual_seed(N + K + D + k)
     z = torch.randn(N, D, generator=gen).to(dtype).cuda()
     codebook = torch.randn(K, D, generator=gen).to(dtype).cuda()
     dist, idx = knn_codes_triton(z, codebook, k, config=config)
     assert_knn_tie_aware(z, codebook, dist, idx, k)
+    ref_dist, ref_idx = nearest_codes_reference(z, codebook, k)
+    assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
 
 
 @gpu
 @pytest.mark.parametrize("k", [1, 100])
-def test_gpu_integer_data_exact_with_auto_split(k):
-    # N = 7 rows: the launcher splits the codebook across programs on any real GPU.
+def test_gpu_integer_data_exact_few_rows(k):
+    # N = 7 rows: one program scans the whole codebook.
     gen = torch.Generator().manual_seed(k)
     z = torch.randint(-2, 3, (7, 64), generator=gen).half().cuda()
     codebook = torch.randint(-2, 3, (16384, 64), generator=gen).half().cuda()
     dist, idx = knn_codes_triton(z, codebook, k)
     ref_dist, ref_idx = nearest_codes_reference(z, codebook, k)
     assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
+
+
+@pytest.mark.parametrize("k,perturb", [(1, False), (5, False), (4, True)])
+def test_kernel_specs_mirror_the_launches(k, perturb, monkeypatch):
+    # benchmarks/kernel_report.py compiles kernels/_specs.kernel_specs(plan): the same kernels and constexprs the
+    # launcher runs, or the report would describe other code than the one that runs.
+    import tokpost_fast.kernels.nearest_codes as launcher
+    from tokpost_fast.kernels._specs import kernel_specs
+    from tokpost_fast.kernels.perturb_codes import perturb_codes_triton
+
+    launched = []
+
+    class Spy:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                bound = dict(zip(self.fn.arg_names, args), **kwargs)  # positional arguments by name
+                launched.append((self.fn.fn.__name__ if hasattr(self.fn, "fn") else self.fn.__name__, bound))
+                return self.fn[grid](*args, **kwargs)
+            return run
+
+    for name in ("_scan_kernel", "_collect_kernel", "_rerank_kernel"):
+        monkeypatch.setattr(launcher, name, Spy(getattr(launcher, name)))
+    z, codebook = torch.randn(40, 12), torch.randn(90, 12)
+    if perturb:
+        perturb_codes_triton(z, codebook, k, 2**31, 3)
+    else:
+        knn_codes_triton(z, codebook, k)
+    plan = search_plan(40, 90, 12, k, torch.float32, perturb, (0, 0))
+    specs = kernel_specs(plan, k, 12)
+    assert len(specs) == len(launched)
+    for spec, (name, kwargs) in zip(specs, launched):
+        assert spec.fn.__name__ == name or getattr(spec.fn, "fn", spec.fn).__name__ == name
+        for key, value in spec.constexprs.items():
+            if key not in ("UPCAST_DOT", "OFFSETS_32"):
+                assert kwargs[key] == value, (spec.name, key, kwargs[key], value)
+        assert kwargs.get("num_warps") == spec.num_warps

@@ -18,7 +18,7 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 gpu = pytest.mark.skipif(not ON_GPU, reason="native Triton needs a CUDA GPU (CPU runs go through the interpreter)")
 
 TILES16 = {"BLOCK_N": 16, "BLOCK_K": 16}
-SPLIT3 = {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 3}
+WIDE = {"BLOCK_N": 16, "BLOCK_K": 64}
 # The rank test is about the draws, not the tiling: one 128 x 128 tile keeps the interpreter quick.
 ONE_TILE = {"BLOCK_N": 128, "BLOCK_K": 128}
 SEEDS = [0, 1, 2**31 + 5, 2**40 + 3, 2**63 - 1]  # i32, the specialised 1, u32, i64, the largest
@@ -49,7 +49,7 @@ def test_ranks_bit_identical(seed, topk):
                 assert (want > 0).any()  # 80 draws from 7+ ranks: a zero-only outcome would be a broken draw
 
 
-@pytest.mark.parametrize("config", [None, TILES16, SPLIT3], ids=["default", "tiles16", "split3"])
+@pytest.mark.parametrize("config", [None, TILES16, WIDE], ids=["default", "tiles16", "wide"])
 # fp16 shares bf16's path (half inputs, fp32 accumulation) and is covered by the nearest-codes tests.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("K,topk", [(97, 1), (97, 7), (300, 100)])
@@ -70,7 +70,7 @@ def test_batch_split_invariance():
     z = torch.randn(50, 4, generator=gen).to(DEVICE)
     codebook = torch.randn(64, 4, generator=gen).to(DEVICE)
     whole = perturb_codes_triton(z, codebook, 16, 2**31, 123, 1000, config=TILES16)
-    part = perturb_codes_triton(z[20:], codebook, 16, 2**31, 123, 1020, config=SPLIT3)
+    part = perturb_codes_triton(z[20:], codebook, 16, 2**31, 123, 1020, config=WIDE)
     assert torch.equal(whole[0][20:], part[0]) and torch.equal(whole[1][20:], part[1])
 
 
@@ -93,7 +93,7 @@ def test_empty_and_bad_inputs():
 
 
 @gpu
-@pytest.mark.parametrize("config", [None, "autotune"])
+@pytest.mark.parametrize("config", [None, {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}], ids=["default", "tiles64"])
 @pytest.mark.parametrize("N,K,D,topk", [(8192, 4096, 64, 100), (5, 16384, 8, 100), (4096, 4096, 64, 2)])
 def test_gpu_integer_data_matches_reference(N, K, D, topk, config):
     gen = torch.Generator().manual_seed(N + K)

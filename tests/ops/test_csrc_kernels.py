@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import tokpost_fast._C  # noqa: F401  (registers torch.ops.tokpost_fast.*)
 from tokpost_fast.ops.codebook_lookup import codebook_lookup_backward_reference
-from tokpost_fast.ops.nearest_codes import nearest_codes_reference
+from tokpost_fast.ops.nearest_codes import nearest_codes_reference, squared_distances_reference
 from tokpost_fast.ops.perturb_codes import perturb_codes_reference
 from tokpost_fast.ops.philox import ranks_for_threshold
 
@@ -51,14 +51,52 @@ def test_knn_codes_tie_aware_on_awkward_shapes(dtype):
         assert_knn_tie_aware(z.float(), codebook.float(), dist, idx, k)
 
 
-def test_knn_codes_matches_reference_indices_on_random_data():
-    gen = _gen("ref")
-    z, codebook = torch.randn(2000, 8, generator=gen), torch.randn(1000, 8, generator=gen)
-    dist, idx = ops.knn_codes(z, codebook, 7)
-    ref_dist, ref_idx = nearest_codes_reference(z, codebook, 7)
-    # Orders may differ only where two distances are within fp32 rounding of each other.
-    assert (idx == ref_idx).float().mean() > 0.999
-    torch.testing.assert_close(dist, ref_dist, atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k_codes,d,k", [(2000, 1000, 8, 7), (300, 4097, 8, 1), (300, 4097, 8, 100), (200, 1000, 64, 1),
+                                         (200, 1000, 64, 33), (50, 700, 257, 5), (64, 65, 3, 64)])
+def test_knn_codes_bit_identical_to_the_exact_reference(dtype, n, k_codes, d, k):
+    # The contract: dist is the difference form (same fp32 bits on every backend), ordered by (dist, index).
+    gen = _gen("ref", n, k_codes, d, k, dtype)
+    z, codebook = torch.randn(n, d, generator=gen).to(dtype), torch.randn(k_codes, d, generator=gen).to(dtype)
+    dist, idx = ops.knn_codes(z, codebook, k)
+    ref_dist, ref_idx = nearest_codes_reference(z, codebook, k)
+    assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
+
+
+def _clustered(gen, n, k_codes, d, spread):
+    """Codes in tight clusters and tokens at the same centres: distances far below the expanded form's error."""
+    centres = 3 * torch.randn(64, d, generator=gen)
+    codebook = centres[torch.randint(0, 64, (k_codes,), generator=gen)] + spread * torch.randn(k_codes, d, generator=gen)
+    z = centres[torch.randint(0, 64, (n,), generator=gen)] + spread * torch.randn(n, d, generator=gen)
+    return z, codebook
+
+
+@pytest.mark.parametrize("k", [1, 5, 100])
+def test_knn_codes_exact_on_near_tie_clusters(k):
+    # Issue 11's near-tie data (D = 8, tight clusters): the expanded form ||z||^2 - 2 z.c + ||c||^2 cancels and
+    # misorders codes; the kernel's candidates within its error bound, re-ranked in the difference form, do not.
+    gen = _gen("clusters", k)
+    z, codebook = _clustered(gen, 400, 16384, 8, 3e-3)
+    dist, idx = ops.knn_codes(z, codebook, k)
+    ref_dist, ref_idx = nearest_codes_reference(z, codebook, k)
+    assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
+    true = torch.cdist(z.double(), codebook.double()).pow(2)
+    assert torch.equal(idx[:, 0], true.argmin(1)), "the difference form picks the float64 nearest code here"
+    # The data really is near-tie: the plain expanded form gets some rows wrong (else this test proves nothing).
+    assert (squared_distances_reference(z, codebook).argmin(1) != idx[:, 0]).any()
+
+
+@pytest.mark.parametrize("k", [1, 7, 300])
+def test_candidate_overflow_and_huge_inputs_fall_back_exactly(k):
+    gen = _gen("overflow", k)
+    # 3000 identical codes: every one is inside every row's window, far more than the candidate buffer holds.
+    codebook = torch.cat([torch.ones(3000, 4), torch.randn(500, 4, generator=gen)])[torch.randperm(3500, generator=gen)]
+    z = torch.randn(40, 4, generator=gen)
+    z[:10] = 1.0  # rows sitting on the duplicated code
+    for zz, cb in ((z, codebook), (z * 1e19, codebook * 1e19), (z * 1e-21, codebook * 1e-21)):
+        dist, idx = ops.knn_codes(zz, cb, k)  # huge: the bound's guard; tiny: subnormal differences
+        ref_dist, ref_idx = nearest_codes_reference(zz, cb, k)
+        assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
 
 
 @pytest.mark.parametrize("k", [1, 3, 40, 120])
@@ -91,6 +129,19 @@ def test_nan_and_inf_rows_order_as_inf(k):
     finite = [0, 1, 3, 4, 6, 7, 8]
     _, ref_idx = nearest_codes_reference(z[finite], codebook, k)
     assert torch.equal(idx[finite], ref_idx)
+
+
+def test_nan_and_inf_codes_match_the_reference():
+    gen = _gen("nan-ref")
+    z = torch.randn(30, 8, generator=gen)
+    z[3, 2], z[4, 0] = float("nan"), -float("inf")
+    codebook = torch.randn(500, 8, generator=gen)
+    codebook[[0, 7, 99]] = float("nan")
+    codebook[11, 3], codebook[12, 0] = float("inf"), -float("inf")
+    for k in (1, 6, 500):
+        dist, idx = ops.knn_codes(z, codebook, k)
+        ref_dist, ref_idx = nearest_codes_reference(z, codebook, k)
+        assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
 
 
 def test_nan_code_is_never_preferred():

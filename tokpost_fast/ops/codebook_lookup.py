@@ -2,8 +2,11 @@
 
 # idx: [...] int, codebook: [K, D] -> [..., D] (codebook's dtype)
 The backward scatter-adds the output gradient into a [K, D] codebook gradient. The fused kernels (csrc/) do it
-without float atomics (indices grouped by code, each code's rows summed in a fixed order, fp32 accumulation), so
-two runs give bit-identical gradients; the reference uses index_add_, deterministic on the CPU only.
+without float atomics: rows grouped by code, each code's rows summed in chunks of 256 in row order, then the chunk
+sums in chunk order, all fp32. So two runs give bit-identical gradients (the CPU and CUDA kernels share the
+order; benchmarks/gpu_check.sh checks that they agree bit for bit), and a collapsed codebook (every token on one
+code) is summed in parallel chunks. The reference uses index_add_,
+deterministic on the CPU only.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ slice z[a:b] with position_offset=a (in flat tokens) reproduces that slice of th
 results independent of how a batch is split across steps or ranks.
 Positions are int64 on every backend: position_offset + max(N, 1) must stay below 2**63 (a ValueError otherwise,
 on every backend).
-Where two of a token's candidate codes are within rounding of each other, backends may order them differently;
-with exactly representable distances the results are bit-identical (tested).
+Ranks follow the exact-nearest contract of nearest_codes (fp32 difference-form distance, ties to the lowest
+index), so every backend picks the same code for the same draw, near-ties included.
 NaN / inf follow nearest_codes' order: a token with a NaN or inf entry ranks the codes 0..K-1 in index order, so
 it gets idx 0 and idx_perturbed = its drawn rank; codes with a NaN or inf entry rank after every finite code.
 """
