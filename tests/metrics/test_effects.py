@@ -46,3 +46,14 @@ def test_one_draw_has_no_fid_noise_estimate_but_kid_has_its_subsets():
 
 def test_missing_arm_gives_no_effect():
     assert effects({"post": [record(1.0, [1.0], [1.0])]}) == {}
+
+
+def test_noise_threshold_is_a_paired_t_test_at_five_percent():
+    # two draws, std of the differences 1: t(1) = 12.71, so the threshold is 12.71 / sqrt(2) = 8.99
+    diffs = [-5.0 - 1 / math.sqrt(2), -5.0 + 1 / math.sqrt(2)]
+    v = verdict(diffs)
+    assert v["threshold"] == pytest.approx(12.706 / math.sqrt(2), rel=1e-3)
+    assert v["beyond_noise"] is False            # -5 +- 1 over 2 draws: 2 standard errors (1.41) would say beyond
+    five = [-5.0, -4.0, -6.0, -5.5, -4.5]      # n = 5: t(4) = 2.776, std 0.79
+    assert verdict(five)["threshold"] == pytest.approx(2.776 * 0.7906 / math.sqrt(5), rel=1e-3)
+    assert verdict(five)["beyond_noise"] is True
