@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -25,8 +24,7 @@ import time
 
 import torch
 
-from tokpost_fast.atomic import atomic_write_json
-from generator_bench import machine_slug, versions  # benchmarks/ is sys.path[0] when run as a script
+from generator_bench import machine_slug, save_result, versions  # benchmarks/ is sys.path[0] when run as a script
 from tokpost_fast.models.generator import (build_generator, draw_orders, generator_config, next_token_loss,
                                            order_generator, permute_tokens, sample)
 
@@ -99,7 +97,7 @@ def main(argv=None) -> dict:
               f"max {max(times[name]) * 1e3:.1f})")
     machine = machine_slug()
     result = {
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "command": " ".join(["python", "benchmarks/gen_order_bench.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"slug": machine, "platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -109,11 +107,7 @@ def main(argv=None) -> dict:
         "headline": headline,
         "rows": [{"variant": name, "median_s": medians[name], "times_s": times[name]} for name in variants],
     }
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"gen-order-{machine}-{datetime.date.today().isoformat()}.json")
-    atomic_write_json(out, result)
-    print(json.dumps(headline, indent=1))
-    print(f"wrote {out}")
+    save_result(result, headline, "gen-order", machine, args.out)
     return result
 
 

@@ -48,6 +48,16 @@ def versions() -> dict:
     return out
 
 
+def save_result(result: dict, headline: dict, prefix: str, machine: str, out: str | None) -> str:
+    """Write a benchmark's JSON record to `out` or benchmarks/results/<prefix>-<machine>-<date>.json; print it."""
+    out = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                              f"{prefix}-{machine}-{datetime.date.today().isoformat()}.json")
+    atomic_write_json(out, result)
+    print(json.dumps(headline, indent=1))
+    print(f"wrote {out}")
+    return out
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -165,7 +175,7 @@ def main(argv=None) -> dict:
         headline[f"kv_cache_speedup_{backend}"] = by_mode["recompute"] / by_mode["kv_cache"]
     machine = machine_slug()
     result = {
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "command": " ".join(["python", "benchmarks/generator_bench.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"slug": machine, "platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -176,11 +186,7 @@ def main(argv=None) -> dict:
         "headline": headline,
         "rows": rows,
     }
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"generator-{machine}-{datetime.date.today().isoformat()}.json")
-    atomic_write_json(out, result)
-    print(json.dumps(headline, indent=1))
-    print(f"wrote {out}")
+    save_result(result, headline, "generator", machine, args.out)
     return result
 
 

@@ -7,8 +7,9 @@ data set's source) with the main stage's VQ terms (MSE + codebook + 0.25 commitm
 must reconstruct clearly better than the mean image and keep several codes in use. Measured at 300 steps: before
 the fix MSE = the mean image's, 1 code; after, ~half the mean image's MSE and ~12 codes.
 
-Still open (not covered here, see the issue notes): on smooth synthetic images the commitment term collapses this
-tiny ViT to one code within ~100 steps; the CNN tokenizer does not.
+Not covered here: on smooth synthetic images the commitment term collapses this tiny ViT to one code within ~25
+steps with the paper's quantizer; dead-code restarts (codebook.restart_dead) keep ~180 of 256 codes in use there,
+tested in tests/models/tokenizer/test_dead_codes.py.
 """
 
 import time
