@@ -208,3 +208,18 @@ def test_train_flags_become_overrides():
     assert cfg.train.max_steps == 7 and cfg.data.backend == "torch" and cfg.data.on_bad_image == "error"
     with pytest.raises(SystemExit):
         parse_args(["--stage", "nope", "--config", "c.yaml", "--run-dir", "r"])
+
+
+def test_field_check_names_section_field_and_value():
+    """tokpost_fast/checks.py: the one check behind every config section's one-line ValueError."""
+    from tokpost_fast.checks import field_check
+
+    class Section:
+        lr = -1.0
+
+    check = field_check(Section(), "train")
+    check("lr", True, "must be > 0")  # passes silently
+    with pytest.raises(ValueError, match=r"^train\.lr=-1\.0: must be > 0$"):
+        check("lr", False, "must be > 0")
+    with pytest.raises(ValueError, match=r"^train\.warmup_epochs=-2: must be >= 0$"):
+        TrainConfig(warmup_epochs=-2)

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Optional, Union
 
 import yaml
 
+from tokpost_fast.checks import field_check
 from tokpost_fast.data import DataConfig
 from tokpost_fast.losses import LossConfig
 from tokpost_fast.metrics.config import EvalConfig
@@ -77,9 +78,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
 
-        def check(name: str, ok: bool, why: str) -> None:
-            if not ok:
-                raise ValueError(f"train.{name}={getattr(self, name)!r}: {why}")
+        check = field_check(self, "train")
 
         check("lr", self.lr > 0, "must be > 0")
         check("disc_lr", self.disc_lr > 0, "must be > 0")

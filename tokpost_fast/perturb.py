@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from tokpost_fast.checks import field_check
+
 RAMPS = ("continuous", "robustok")
 
 
@@ -34,9 +36,7 @@ class PerturbConfig:
                                  # two agree at the paper's end_ratio 0.5; otherwise "robustok" jumps at t)
 
     def __post_init__(self) -> None:
-        def check(name: str, ok: bool, why: str) -> None:
-            if not ok:
-                raise ValueError(f"perturb.{name}={getattr(self, name)!r}: {why}")
+        check = field_check(self, "perturb")
 
         check("alpha", 0.0 <= self.alpha <= 1.0, "must be in [0, 1]")
         check("beta", 0.0 <= self.beta <= 1.0, "must be in [0, 1]")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from tokpost_fast.checks import field_check
+
 BACKENDS = ("auto", "dali", "torch")
 ON_BAD_IMAGE = ("skip", "error")
 
@@ -27,9 +29,7 @@ class DataConfig:
     split_seed: int = 0
 
     def __post_init__(self) -> None:
-        def check(name: str, ok: bool, why: str) -> None:
-            if not ok:
-                raise ValueError(f"DataConfig.{name}={getattr(self, name)!r}: {why}")
+        check = field_check(self, "DataConfig")
 
         check("image_size", self.image_size >= 1, "must be >= 1")
         check("batch_size", self.batch_size >= 1, "must be >= 1")

@@ -8,6 +8,8 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
+from tokpost_fast.checks import field_check
+
 log = logging.getLogger("tokpost_fast.losses")
 _warned: set[str] = set()
 
@@ -51,9 +53,7 @@ class LossConfig:
     diffaug_cutout: float = 0.2
 
     def __post_init__(self) -> None:
-        def check(name: str, ok: bool, why: str) -> None:
-            if not ok:
-                raise ValueError(f"LossConfig.{name}={getattr(self, name)!r}: {why}")
+        check = field_check(self, "LossConfig")
 
         for name in ("rec", "perceptual", "gan", "codebook", "commit", "kl", "semantic", "lecam"):
             check(name, getattr(self, name) >= 0, "weights must be >= 0")

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from tokpost_fast.checks import field_check
+
 METRICS = ("rfid", "pfid", "gfid", "is", "prec", "rec", "kid")
 DEFAULT_METRICS = ("rfid", "pfid", "gfid", "is", "prec", "rec")
 
@@ -47,9 +49,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         self.metrics = [m.strip().lower() for m in self.metrics]
 
-        def check(name: str, ok: bool, why: str) -> None:
-            if not ok:
-                raise ValueError(f"eval.{name}={getattr(self, name)!r}: {why}")
+        check = field_check(self, "eval")
 
         unknown = [m for m in self.metrics if m not in METRICS]
         check("metrics", not unknown, f"unknown {unknown}; choose from {', '.join(METRICS)}")

@@ -32,6 +32,8 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from tokpost_fast.checks import field_check
+
 log = logging.getLogger("tokpost_fast.train")
 
 
@@ -60,9 +62,7 @@ class CacheStageConfig:
     precision: str = "auto"             # auto: bf16 autocast on GPU, fp32 on CPU
 
     def __post_init__(self) -> None:
-        def check(name: str, ok: bool, why: str) -> None:
-            if not ok:
-                raise ValueError(f"cache.{name}={getattr(self, name)!r}: {why}")
+        check = field_check(self, "cache")
 
         check("sigma", 0.0 <= self.sigma <= 1.0, "must be in [0, 1]")
         check("num_images", self.num_images is None or self.num_images >= 1, "must be None or >= 1")

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from tokpost_fast.checks import field_check
 from tokpost_fast.models.generator import generator_config
 from tokpost_fast.models.generator.config import CONFIG_CLASSES, PRESETS_BY_KIND
 
@@ -65,9 +66,7 @@ class GenStageConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
 
-        def check(name: str, ok: bool, why: str) -> None:
-            if not ok:
-                raise ValueError(f"gen.{name}={getattr(self, name)!r}: {why}")
+        check = field_check(self, "gen")
 
         check("generator", self.generator in PRESETS_BY_KIND, f"must be one of {sorted(PRESETS_BY_KIND)}")
         if self.preset is None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from tokpost_fast.checks import field_check
+
 INPUTS = ("tokens", "reencode")
 GRIDS = ("generated", "clean")
 
@@ -49,9 +51,7 @@ class PostStageConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
 
-        def check(name: str, ok: bool, why: str) -> None:
-            if not ok:
-                raise ValueError(f"post.{name}={getattr(self, name)!r}: {why}")
+        check = field_check(self, "post")
 
         check("input", self.input in INPUTS, f"must be one of {INPUTS}")
         check("grids", self.grids in GRIDS, f"must be one of {GRIDS}")

@@ -20,6 +20,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
+from tokpost_fast.checks import field_check
+
 ARCHS = ("gpt", "rar")
 CONDITIONINGS = ("token", "adaln")
 POSITIONS = ("rope2d", "learned")
@@ -63,9 +65,7 @@ class GeneratorConfig:
     attn_backend: str = "auto"      # see models/generator/attention.py
 
     def __post_init__(self) -> None:
-        def check(name: str, ok: bool, why: str) -> None:
-            if not ok:
-                raise ValueError(f"GeneratorConfig.{name}={getattr(self, name)!r}: {why}")
+        check = field_check(self, "GeneratorConfig")
 
         check("arch", self.arch in ARCHS, f"must be one of {ARCHS}")
         check("vocab_size", self.vocab_size >= 1, "must be >= 1")
@@ -132,9 +132,7 @@ class DiTConfig:
     attn_backend: str = "auto"      # see models/generator/attention.py (non-causal here)
 
     def __post_init__(self) -> None:
-        def check(name: str, ok: bool, why: str) -> None:
-            if not ok:
-                raise ValueError(f"DiTConfig.{name}={getattr(self, name)!r}: {why}")
+        check = field_check(self, "DiTConfig")
 
         check("latent_channels", self.latent_channels >= 1, "must be >= 1")
         check("grid_size", self.grid_size >= 1, "must be >= 1")

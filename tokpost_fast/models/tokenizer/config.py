@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from tokpost_fast.checks import field_check
+
 ARCHS = ("vq_cnn", "vit", "kl_cnn")
 VQ_ARCHS = ("vq_cnn", "vit")
 
@@ -59,9 +61,7 @@ class TokenizerConfig:
         self.ch_mult = list(self.ch_mult)
         self.block_out_channels = list(self.block_out_channels)
 
-        def check(name: str, ok: bool, why: str) -> None:
-            if not ok:
-                raise ValueError(f"TokenizerConfig.{name}={getattr(self, name)!r}: {why}")
+        check = field_check(self, "TokenizerConfig")
 
         check("arch", self.arch in ARCHS, f"must be one of {ARCHS}")
         check("image_size", self.image_size >= 1, "must be >= 1")
@@ -172,9 +172,7 @@ class CodebookConfig:
     usage_decay: float = 0.99      # EMA decay of the per-code assignment counts
 
     def __post_init__(self) -> None:
-        def check(name: str, ok: bool, why: str) -> None:
-            if not ok:
-                raise ValueError(f"codebook.{name}={getattr(self, name)!r}: {why}")
+        check = field_check(self, "codebook")
 
         check("init", self.init in CODEBOOK_INITS, f"must be one of {CODEBOOK_INITS}")
         check("kmeans_images", self.kmeans_images >= 1, "must be >= 1")
