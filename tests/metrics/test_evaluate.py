@@ -56,6 +56,8 @@ def test_generative_metrics(run_dir, photos):
     assert set(values) == {"gfid_proxy", "gfid_kid_proxy", "gfid_kid_std_proxy", "is_proxy", "is_std_proxy",
                            "prec_proxy", "rec_proxy", "kid_proxy", "kid_std_proxy"}
     assert values["gfid_proxy"] > 0 and values["is_proxy"] >= 1.0 and 0 <= values["prec_proxy"] <= 1
+    # one KID of the generated images (same features, same seed), reported beside gFID and as "kid"
+    assert (values["kid_proxy"], values["kid_std_proxy"]) == (values["gfid_kid_proxy"], values["gfid_kid_std_proxy"])
     assert result["num"] == {"real": 16, "generated": 12}
     assert len(result["checkpoints"]["generator"]["sha256"]) == 64
     assert result["settings"]["generation"]["class_balanced"]

@@ -83,6 +83,7 @@ class ArmEvaluation:
 
         self.generator_path = self.run_dir / "generator.pt"
         self.gpt = load_generator(self.generator_path, map_location="cpu").eval()
+        self.generator_sha = file_sha256(self.generator_path)      # keys the samples and the draws
         self.continuous = getattr(self.gpt, "kind", "ar") == "dit"
         gen = cfg.gen
         self.sampling = (DiTSampling(self.opts.cfg_scale, self.opts.sample_steps or gen.sample_steps)
@@ -96,7 +97,7 @@ class ArmEvaluation:
         """The seed's class-balanced samples (token grids or DiT latents), from RUN/eval/samples-seed<S>.pt when
         it was drawn by this generator with these settings."""
         path = self.run_dir / "eval" / f"samples-seed{seed}.pt"
-        key = {"generator": file_sha256(self.generator_path), "sampling": self.sampling.as_dict(),
+        key = {"generator": self.generator_sha, "sampling": self.sampling.as_dict(),
                "num": self.num_generated, "batch_size": self.opts.batch_size, "seed": seed}
         if path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=False)
@@ -124,12 +125,12 @@ class ArmEvaluation:
         delta = self.opts.pfid_delta or default_delta(tokenizer.codebook_size)
         return check_perturbation(self.opts.pfid_alpha if x is None else x, delta, tokenizer.codebook_size)
 
-    def _draws_file(self, sha: str, pfid, curve: tuple) -> tuple[Path, dict, dict]:
+    def _draws_file(self, sha: str, pfid, curve: tuple) -> tuple[Path, dict]:
         """RUN/eval/draws-<sha>.json: every draw measured so far for this checkpoint under these settings (the
         stage resumes draw by draw, and a change of --seeds reuses the draws it already has)."""
         path = self.run_dir / "eval" / f"draws-{sha[:16]}.json"
         key = {"sha256": sha, "extractor": self.info.extractor_id, "real": self.data_fingerprint,
-               "pfid": repr(pfid), "curve": list(curve), "generator": file_sha256(self.generator_path),
+               "pfid": repr(pfid), "curve": list(curve), "generator": self.generator_sha,
                "sampling": self.sampling.as_dict(), "num_generated": self.num_generated,
                "batch_size": self.opts.batch_size}
         store = {"key": key, "rfid": None, "curve": {}, "pfid": {}, "gfid": {}}
@@ -137,7 +138,7 @@ class ArmEvaluation:
             saved = json.loads(path.read_text())
             if saved.get("key") == json.loads(json.dumps(key)):
                 store = saved
-        return path, key, store
+        return path, store
 
     @torch.no_grad()
     def measure(self, path: Path, curve: tuple) -> dict:
@@ -149,7 +150,7 @@ class ArmEvaluation:
         pfid = self.pfid_setting(tokenizer)
         curve_settings = [self.pfid_setting(tokenizer, x) for x in curve]
         sha = file_sha256(path)
-        draws_path, _, store = self._draws_file(sha, pfid, curve)
+        draws_path, store = self._draws_file(sha, pfid, curve)
         save = lambda: atomic_write_json(draws_path, store)                        # noqa: E731
         layer, first = self.info.fid_layer, str(self.seeds[0])
         if store["rfid"] is None or first not in store["curve"] or first not in store["pfid"]:

@@ -130,11 +130,12 @@ def generative_values(gen: dict, real: RealStats, info: ExtractorInfo, wanted: l
                        skipped: dict) -> dict:
     """gFID (with its KID beside it), IS, precision / recall, KID of generated features against the real ones
     (torch-fidelity's code)."""
-    label, values = info.label, {}
+    label, values, kid = info.label, {}, None
     gen_pool, count = gen[info.fid_layer], gen[info.fid_layer].shape[0]
     if "gfid" in wanted:
         values[f"gfid{label}"] = fid_between(fid_statistics(gen_pool, "generated images"), real.stats)
-        values[f"gfid_kid{label}"], values[f"gfid_kid_std{label}"] = kid_between(gen_pool, real.features, seed)
+        kid = kid_between(gen_pool, real.features, seed)
+        values[f"gfid_kid{label}"], values[f"gfid_kid_std{label}"] = kid
     if "is" in wanted and info.isc_layer is None:
         skipped["is"] = IS_NEEDS_FILE
     elif "is" in wanted:
@@ -154,5 +155,5 @@ def generative_values(gen: dict, real: RealStats, info: ExtractorInfo, wanted: l
             if "rec" in wanted:
                 values[f"rec{label}"] = prc[KEY_METRIC_RECALL]
     if "kid" in wanted:
-        values[f"kid{label}"], values[f"kid_std{label}"] = kid_between(gen_pool, real.features, seed)
+        values[f"kid{label}"], values[f"kid_std{label}"] = kid or kid_between(gen_pool, real.features, seed)
     return values
