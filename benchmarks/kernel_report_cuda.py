@@ -88,14 +88,6 @@ def _functions(sass: str) -> dict:
     return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
 
 
-def _usage(text: str) -> dict:
-    """{mangled name: {reg, stack, shared, local}} of `cuobjdump --dump-resource-usage` for one cubin."""
-    out = {}
-    for name, fields in re.findall(r"Function (\S+):\s*\n\s*(.*)", text):
-        out[name] = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", fields)}
-    return out
-
-
 def _knn_costs(stats) -> dict:
     """c_d, c_load, c_cand, c_rank of the knn kernel from its loops (see the module docstring)."""
     def ops(r):
@@ -162,9 +154,8 @@ def cuda_rows(so_path: str | None = None) -> list:
     rows, knn = [], {}
     for cubin in cubins:
         arch = int(re.search(r"sm_(\d+)", cubin).group(1))
-        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-        usage = _usage(subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True,
-                                      check=True).stdout)
+        sass = sass_stats.sass_text(cubin, cuobjdump)
+        usage = sass_stats.resource_usage_by_function(cubin, cuobjdump)
         for name, text in _functions(sass).items():
             m = _KERNEL.search(name)
             if not m:

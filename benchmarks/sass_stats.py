@@ -28,11 +28,24 @@ def sass_text(cubin_path: str, cuobjdump: str) -> str:
     return subprocess.run([cuobjdump, "-sass", cubin_path], capture_output=True, text=True, check=True).stdout
 
 
+def _dump_resource_usage(cubin_path: str, cuobjdump: str) -> str:
+    return subprocess.run([cuobjdump, "--dump-resource-usage", cubin_path], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def _usage_fields(text: str) -> dict:
+    return {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+
+
 def resource_usage(cubin_path: str, cuobjdump: str) -> dict:
-    out = subprocess.run([cuobjdump, "--dump-resource-usage", cubin_path], capture_output=True, text=True,
-                         check=True).stdout
-    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
-    return {key.lower(): int(value) for key, value in found.items()}
+    """{reg, stack, shared, local} of a one-kernel cubin (a Triton compilation)."""
+    return _usage_fields(_dump_resource_usage(cubin_path, cuobjdump))
+
+
+def resource_usage_by_function(cubin_path: str, cuobjdump: str) -> dict:
+    """{mangled name: {reg, stack, shared, local}} of every kernel of a cubin (the extension's)."""
+    text = _dump_resource_usage(cubin_path, cuobjdump)
+    return {name: _usage_fields(fields) for name, fields in re.findall(r"Function (\S+):\s*\n\s*(.*)", text)}
 
 
 def opcode(text: str) -> str:
