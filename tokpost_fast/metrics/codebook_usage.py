@@ -60,15 +60,9 @@ def usage_stats(indices: torch.Tensor, codebook_size: int) -> dict:
 
 def read_log(path: Union[str, Path]) -> list[dict]:
     """The rows of a log.jsonl (a half-written last line is skipped)."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    from tokpost_fast.stages.run_log import _parse_row
+
+    return [row for line in Path(path).read_text().splitlines() if (row := _parse_row(line)) is not None]
 
 
 def usage_series(rows: Iterable[dict]) -> dict[str, list]:

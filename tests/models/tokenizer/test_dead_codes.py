@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tokpost_fast import ops
+from tokpost_fast.metrics.codebook_usage import usage_stats
 from tokpost_fast.models.tokenizer import build_tokenizer
 from tokpost_fast.models.tokenizer.config import CodebookConfig, TokenizerConfig
 from tokpost_fast.models.tokenizer.quantizer import DeadCodeTracker, VectorQuantizer, overwrite_rows
@@ -26,12 +27,6 @@ def smooth_images(n: int, seed: int, size: int = 32) -> torch.Tensor:
     """Low-frequency random images in [-1, 1] (4x4 noise upsampled bilinearly), as tests/stages' image folder."""
     coarse = torch.rand(n, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
     return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False) * 2 - 1
-
-
-def code_stats(indices: torch.Tensor, codebook_size: int) -> dict:
-    counts = torch.bincount(indices.flatten(), minlength=codebook_size).double()
-    p = counts[counts > 0] / counts.sum()
-    return {"used": int((counts > 0).sum()), "perplexity": float(torch.exp(-(p * p.log()).sum()))}
 
 
 def collapse_run(seed: int, restart: bool, steps: int = 200, kmeans_init: bool = False, batch: int = 16,
@@ -74,7 +69,8 @@ def _collapse_run(seed: int, restart: bool, steps: int, kmeans_init: bool, batch
     model.eval()
     with torch.no_grad():
         recon, q = model(held_out)
-    return {**code_stats(q.indices, model.codebook_size), "mse": F.mse_loss(recon, held_out).item(),
+    usage = usage_stats(q.indices, model.codebook_size)
+    return {"used": usage["used"], "perplexity": usage["perplexity"], "mse": F.mse_loss(recon, held_out).item(),
             "restarted": tracker.restarted, "dead_at_end": tracker.dead_count()}
 
 

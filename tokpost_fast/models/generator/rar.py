@@ -20,7 +20,6 @@ follows the position convention of models/generator/decoder.py; the cls slot mak
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import torch
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from tokpost_fast.models.generator.config import GeneratorConfig
 from tokpost_fast.models.generator.decoder import TokenDecoder, init_rar_style
 from tokpost_fast.models.generator.gpt import Attention, load_state_strict, modulate
+from tokpost_fast.perturb import anneal_ratio, step_seed
 
 # Rows beyond seq_len in RAR's position tables (its released files have them; only seq_len + 2 are ever read)
 POS_PAD, STEP_PAD = 1024, 100
@@ -42,18 +42,13 @@ PREFIX = 2   # cls + class slots
 def random_ratio(step: int, start: int, end: int) -> float:
     """Probability r that a training sequence is permuted at `step` (optimizer steps done so far): 1 up to
     `start`, 0 from `end` on, linear in between (the official get_rar_random_ratio; start == end is a switch)."""
-    if step < start:
-        return 1.0
-    if step >= end:
-        return 0.0
-    return 1.0 - (step - start) / (end - start)
+    return anneal_ratio(step, start, end, 0.0, ramp="continuous")
 
 
 def order_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     """The CPU generator of one rank's orders at one step: a function of (seed, step, rank) only, so a resumed run
     draws the same orders."""
-    digest = hashlib.blake2b(f"rar-order:{seed}:{step}:{rank}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 2)
+    return torch.Generator().manual_seed(step_seed(seed, step, rank, stream="rar-order"))
 
 
 def draw_orders(batch: int, seq_len: int, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:

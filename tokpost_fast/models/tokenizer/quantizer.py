@@ -110,6 +110,15 @@ def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _all_gather_object(obj) -> list:
+    """[rank 0's obj, rank 1's, ...]; [obj] on one process."""
+    if _world_size() == 1:
+        return [obj]
+    everyone: list = [None] * _world_size()
+    dist.all_gather_object(everyone, obj)
+    return everyone
+
+
 def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
     if _world_size() > 1:
         dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
@@ -159,11 +168,7 @@ def overwrite_rows(param: nn.Parameter, rows: torch.Tensor, values: torch.Tensor
 
 def _keys_of_all_ranks(keys: list[str]) -> list[str]:
     # A rank whose partition holds no element of the parameter has no fragment (mapping None); rank 0 may be it.
-    if _world_size() == 1:
-        return keys
-    everyone: list = [None] * _world_size()
-    dist.all_gather_object(everyone, keys)
-    return sorted({k for ks in everyone for k in ks})
+    return sorted({k for ks in _all_gather_object(keys) for k in ks})
 
 
 def fingerprint(tensor: torch.Tensor) -> str:
@@ -184,11 +189,7 @@ def synchronised_fingerprints(param: nn.Parameter) -> list[str]:
 
         master = safe_get_full_fp32_param(param)
     mine = [fingerprint(param.float()), fingerprint((param if master is None else master).float())]
-    everyone: list = [mine]
-    if _world_size() > 1:
-        everyone = [None] * _world_size()
-        dist.all_gather_object(everyone, mine)
-    prints = [p for rank_prints in everyone for p in rank_prints]
+    prints = [p for rank_prints in _all_gather_object(mine) for p in rank_prints]
     if len(set(prints)) != 1:
         raise RuntimeError(f"the copies of a parameter differ across ranks or from ZeRO's fp32 master (module, "
                            f"master per rank: {prints})")
