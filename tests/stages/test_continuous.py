@@ -255,7 +255,7 @@ def test_two_rank_post_training_on_latents_changes_only_the_decoder(continuous_r
 
 
 def test_gen_config_checks_the_dit_fields():
-    from tokpost_fast.stages.gen import GenStageConfig
+    from tokpost_fast.stages.gen_config import GenStageConfig
 
     assert GenStageConfig(generator="dit").preset == "demo_dit" and GenStageConfig().preset == "demo"
     with pytest.raises(ValueError, match="gen.preset"):

@@ -21,7 +21,8 @@ from tokpost_fast.models.tokenizer import build_tokenizer, load_tokenizer, save_
 from tokpost_fast.sample import file_sha256
 from tokpost_fast.sample import main as sample_main
 from tokpost_fast.stages.common import DistInfo
-from tokpost_fast.stages.gen import GenStageConfig, extract_tokens
+from tokpost_fast.stages.gen import extract_tokens
+from tokpost_fast.stages.gen_config import GenStageConfig
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = dict(image_size=32, codebook_size=64, codebook_embed_dim=8, width=32, depth=1, heads=2, patch_size=8,

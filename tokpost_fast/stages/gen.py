@@ -40,7 +40,6 @@ from tokpost_fast.models.generator.config import config_to_dict
 from tokpost_fast.stages.common import (EMA, NonFiniteGuard, all_reduce_sum, autocast, barrier, cosine_lr,
                                         deepspeed_config, init_distributed, resolve_precision, seed_everything,
                                         set_lr)
-from tokpost_fast.stages.gen_config import GenStageConfig  # noqa: F401  (re-exported: config.py imports it here)
 
 log = logging.getLogger("tokpost_fast.train")
 
