@@ -33,8 +33,8 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from tokpost_fast.atomic import atomic_torch_save, atomic_write_json
-from tokpost_fast.metrics.extractor import build_extractor, file_sha256
+from tokpost_fast.atomic import atomic_torch_save, atomic_write_json, file_sha256
+from tokpost_fast.metrics.extractor import build_extractor
 from tokpost_fast.metrics.features import (
     FeatureCollector, RealStats, cached_real_stats, extract_features, fid_between, fid_statistics, fingerprint,
     images_to_uint8, kid_between,

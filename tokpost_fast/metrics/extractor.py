@@ -36,6 +36,8 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
 
+from tokpost_fast.atomic import file_sha256
+
 INCEPTION_NAME = "inception-v3-compat"
 PROXY_NAME = "tokpost-proxy-v1"
 
@@ -266,14 +268,6 @@ def build_extractor(inception_weights: str | os.PathLike | None = None, device: 
                          isc_layer=layers[1], weights_path=weights_path, weights=weights, precision=precision)
     model = inner if proxy and precision == "fp32" else FastExtractor(inner, precision, device.type == "cpu")
     return model.to(device).eval(), info
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_inception_weights(path: str | os.PathLike) -> None:

@@ -25,8 +25,9 @@ from typing import Iterable, Optional
 import torch
 import torch_fidelity
 
+from tokpost_fast.atomic import file_sha256
 from tokpost_fast.metrics.config import DEFAULT_METRICS, METRICS, EvalConfig
-from tokpost_fast.metrics.extractor import build_extractor, file_sha256
+from tokpost_fast.metrics.extractor import build_extractor
 from tokpost_fast.metrics.features import (
     RealStats, cached_real_stats, dataset_fingerprint, extract_features, fid_between, fid_statistics, fingerprint,
     images_to_uint8, kid_between, load_real_stats, real_stats_path, save_real_stats,
@@ -291,7 +292,7 @@ def evaluate_run(run_dir, metrics: Optional[Iterable[str] | str] = None, num: Op
                      cfg_power=cfg_power, temperature=temperature, top_k=top_k, top_p=top_p,
                      pfid_noise=pfid_noise, sample_steps=sample_steps, extractor=extractor,
                      feature_precision=feature_precision, seeds=seeds)
-    opts, label = ev.opts, ev.info.label
+    opts = ev.opts
     wanted = list(opts.metrics or DEFAULT_METRICS)
     pfid_setting = ev.pfid_setting()
     curve_xs = curve_noises if ev.continuous else curve_alphas
