@@ -6,7 +6,6 @@
 #pragma once
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -19,17 +18,7 @@ using row_topk::kInf;
 using simd::kLanes;
 using simd::vfloat;
 
-// One code: c_d at c[d * stride] (stride = the panel width for a packed codebook).
-inline float diff_dist(const float* z, const float* c, int64_t stride, int64_t D) {
-  float s = 0.f;
-  for (int64_t d = 0; d < D; ++d) {
-    const float t = z[d] - c[d * stride];
-    s = s + t * t;
-  }
-  return s == s ? s : kInf;
-}
-
-// kVecs * kLanes codes of a panel laid out [D][kVecs * kLanes]: the same operations as diff_dist, lane-wise.
+// kVecs * kLanes codes of a panel laid out [D][kVecs * kLanes]: the difference form (top of file), lane-wise.
 template <int kVecs>
 inline void diff_dist_panel(const float* z, const float* panel, int64_t D, float* out) {
   constexpr int kPanel = kVecs * kLanes;
@@ -77,7 +66,7 @@ inline void transpose16(__m512* r) {
 }
 #endif
 
-// Codes codes[0, n) of a row-major fp32 codebook rows [K, D]: the same operations as diff_dist. The squares are
+// Codes codes[0, n) of a row-major fp32 codebook rows [K, D]: the difference form (top of file). The squares are
 // computed a vector at a time along d (subtract and multiply are elementwise: any layout gives the same bits);
 // AVX-512 then transposes 16 codes x 16 dims in registers and adds whole vectors in d order (one lane per code),
 // the other paths add kGroup independent scalar chains in d order. No gathers: on CPUs with the gather-data-

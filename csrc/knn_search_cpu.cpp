@@ -69,6 +69,11 @@ constexpr int kPanel = kVecs * kLanes;  // codes per panel
 // panel might not fit. (Measured at k = 100, D = 8, before the exact re-rank: 2 panels 15.7 ms, 4 panels 13.9 ms,
 // 8 panels 14.2 ms per 2048 x 16384 rows x codes.)
 constexpr int kBufferPanels = 4;
+// A row's buffer for k codes; at least kNearestCandidates: near-tie data (a cluster of codes inside every row's
+// window) then rarely overflows.
+inline int64_t candidate_cap(int64_t k) {
+  return std::max<int64_t>(row_topk::kNearestCandidates, k + kBufferPanels * kPanel);
+}
 // Codebook bytes one tile of panels may take: kept in L1/L2 while every row group of a block sweeps it.
 // (Measured flat from 8 KB to 256 KB at D = 8 and 64: the loop is compute-bound once a panel is in L1/L2.)
 constexpr int64_t kTileBytes = 64 * 1024;
@@ -211,17 +216,10 @@ void finish_row(RowState& s, const float* zf_row, const PackedCodebook& cb, bool
                 RowScratch& w) {
   const int64_t D = cb.dim, k = s.k;
   auto& keys = w.keys;
-  keys.clear();
-  if (s.mode == RowMode::kNonFinite) {
-    for (int64_t j = 0; j < k; ++j) {
-      dist[j] = kInf;
-      idx[j] = int32_t(j);
-    }
-    return;
-  }
+  keys.clear();  // kNonFinite keeps none: select_k then gives codes 0..k-1 at +inf
   if (s.mode == RowMode::kFullPass) {
     full_pass(zf_row, cb, k, w);
-  } else {
+  } else if (s.mode == RowMode::kSearch) {
     // Narrow the window to the k-th smallest acc (k = 1: the minimum; k > 1: it, or a value with exactly k held at
     // or below it, so no smaller than it): every code still held is a candidate. Fewer than k held: all are.
     if (k == 1 && s.count > 0) row_topk::narrow_to(s, s.thr);
@@ -250,8 +248,7 @@ void init_row(RowState& s, int64_t row, int64_t k, const scalar_t* zsrc, const P
   }
   s.row = row;
   s.k = int32_t(k);
-  // At least kNearestCandidates: near-tie data (a cluster of codes inside every row's window) then rarely overflows.
-  s.cap = int32_t(std::max<int64_t>(row_topk::kNearestCandidates, k + kBufferPanels * kPanel));
+  s.cap = int32_t(candidate_cap(k));
   s.count = 0;
   s.thr = kInf;
   s.e2 = 0.f;
@@ -276,8 +273,7 @@ template <typename scalar_t>
 void search(const at::Tensor& z, const PackedCodebook& cb, int64_t k_max, bool sorted, RowK row_k, RowEmit emit) {
   const int64_t N = z.size(0), D = cb.dim;
   const scalar_t* zsrc = z.data_ptr<scalar_t>();
-  const int64_t cap = std::max<int64_t>(row_topk::kNearestCandidates, k_max + kBufferPanels * kPanel);
-  const int64_t stride = cap + kLanes;  // + the overhang of the last compress store
+  const int64_t stride = candidate_cap(k_max) + kLanes;  // + the overhang of the last compress store
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t block = std::min<int64_t>(kMaxBlockRows, std::max<int64_t>(1, kKeyBudgetBytes / (stride * 8)));
   // At least ~4 blocks per thread when N allows, for balance.

@@ -30,7 +30,7 @@ using simd::kLanes;
 using simd::vfloat;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-// Panels a k == 1 row may hold before it prunes; on random data it holds one or two.
+// The smallest candidate buffer (codes) of a row; a k == 1 row on random data holds one or two candidates.
 constexpr int kNearestCandidates = 512;
 
 // Monotone map of the float order onto the uint32 order (for -0.0 < +0.0 it differs; the re-ranked distances are
@@ -92,13 +92,11 @@ inline void overflow(RowState& s) {
   s.count = 0;
 }
 
-template <bool kStrict>
-inline int count_below(const RowState& s, float x) {  // #held with acc < x (kStrict) or <= x
+inline int count_at_most(const RowState& s, float x) {  // #held with acc <= x
   const vfloat xv = simd::broadcast(x);
   int n = 0;
   for (int j = 0; j < s.count; j += kLanes) {
-    const vfloat a = simd::loadu(s.acc + j);
-    const uint32_t m = (kStrict ? simd::lt_mask(a, xv) : simd::le_mask(a, xv)) & simd::head_mask(s.count - j);
+    const uint32_t m = simd::le_mask(simd::loadu(s.acc + j), xv) & simd::head_mask(s.count - j);
     n += __builtin_popcount(m);
   }
   return n;
@@ -142,7 +140,7 @@ __attribute__((noinline)) inline void compact(RowState& s, int slack) {
   int hi_count = s.count;
   while (hi - lo > 1 && hi_count > s.k + slack) {
     const uint32_t mid = lo + (hi - lo) / 2;
-    const int c = count_below<false>(s, from_ordered_bits(mid));
+    const int c = count_at_most(s, from_ordered_bits(mid));
     if (c >= s.k) {
       hi = mid;
       hi_count = c;

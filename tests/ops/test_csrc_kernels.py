@@ -19,7 +19,7 @@ from tokpost_fast.ops.nearest_codes import nearest_codes_reference, squared_dist
 from tokpost_fast.ops.perturb_codes import perturb_codes_reference
 from tokpost_fast.ops.philox import ranks_for_threshold
 
-from .helpers import assert_knn_tie_aware
+from .helpers import assert_knn_tie_aware, near_tie_clusters
 
 ops = torch.ops.tokpost_fast
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -63,20 +63,11 @@ def test_knn_codes_bit_identical_to_the_exact_reference(dtype, n, k_codes, d, k)
     assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
 
 
-def _clustered(gen, n, k_codes, d, spread):
-    """Codes in tight clusters and tokens at the same centres: distances far below the expanded form's error."""
-    centres = 3 * torch.randn(64, d, generator=gen)
-    codebook = centres[torch.randint(0, 64, (k_codes,), generator=gen)] + spread * torch.randn(k_codes, d, generator=gen)
-    z = centres[torch.randint(0, 64, (n,), generator=gen)] + spread * torch.randn(n, d, generator=gen)
-    return z, codebook
-
-
 @pytest.mark.parametrize("k", [1, 5, 100])
 def test_knn_codes_exact_on_near_tie_clusters(k):
-    # Issue 11's near-tie data (D = 8, tight clusters): the expanded form ||z||^2 - 2 z.c + ||c||^2 cancels and
+    # Near-tie data (D = 8, tight clusters): the expanded form ||z||^2 - 2 z.c + ||c||^2 cancels and
     # misorders codes; the kernel's candidates within its error bound, re-ranked in the difference form, do not.
-    gen = _gen("clusters", k)
-    z, codebook = _clustered(gen, 400, 16384, 8, 3e-3)
+    z, codebook = near_tie_clusters(400, 16384, 8, seed=k)
     dist, idx = ops.knn_codes(z, codebook, k)
     ref_dist, ref_idx = nearest_codes_reference(z, codebook, k)
     assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
