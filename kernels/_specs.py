@@ -1,6 +1,6 @@
 """The compiled variants of a search plan, as triton.compile needs them: what benchmarks/kernel_report.py and
-tests/benchmarks compile for sm_90 / sm_80 without a GPU. Mirrors the launches of nearest_codes.run_search
-(a test runs both on the same shapes and compares the constexprs).
+tests/benchmarks compile for sm_90 / sm_80 without a GPU. The constexprs come from the plan's methods that
+nearest_codes.run_search launches with (a test runs both on the same shapes and compares them).
 
 kernel_specs(plan, k, D) -> [KernelSpec]: one per kernel the plan launches (scan, collect, re-rank direct / general).
 """
@@ -43,37 +43,27 @@ def _with_constexprs(fn, types: dict, constexprs: dict) -> dict:
 
 
 def kernel_specs(plan, k: int, D: int) -> list:
-    lay = plan.layout
-    shape = dict(DPAD=lay.dpad, D_MAIN=lay.d_main, D_TAIL=lay.d_tail, D_CHUNKS=lay.d_chunks,
-                 BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, UPCAST_DOT=False)
-    scan_const = dict(shape, R=plan.tracked, PACK_BITS=plan.pack_bits, NEED_KTH=plan.need_kth, PERTURB=plan.perturb)
+    scan_const, collect_const = plan.search_constexprs(upcast_dot=False)
     scan_types = dict(z_ptr="*bf16", c_ptr="*bf16", err_ptr="*fp32", status_ptr="*i32", thr_ptr="*fp32",
                       buf_ptr="*i32", rank_ptr="*i32", N="i32", k="i32", num_tiles="i32", buf_stride="i32",
                       pack_rel="fp32", seed="i64", threshold="i64", position_offset="i64", topk="i32")
-    collect_const = dict(shape, CAP=plan.cap)
     collect_types = dict(z_ptr="*bf16", c_ptr="*bf16", thr_ptr="*fp32", list_ptr="*i32", n_list_ptr="*i32",
                          buf_ptr="*i32", count_ptr="*i32", num_tiles="i32")
-    tile = dict(elems_per_iter=plan.block_n * plan.block_k, inner_trips=lay.d_chunks)
+    tile = dict(elems_per_iter=plan.block_n * plan.block_k, inner_trips=plan.layout.d_chunks)
     specs = [
         KernelSpec("scan", _scan_kernel, _with_constexprs(_scan_kernel, scan_types, scan_const), scan_const,
                    plan.num_warps, plan.num_stages, **tile),
         KernelSpec("collect", _collect_kernel, _with_constexprs(_collect_kernel, collect_types, collect_const),
                    collect_const, plan.num_warps, plan.num_stages, **tile),
     ]
-    for direct in ((True, False) if (plan.kp == 1 or plan.perturb) else (False,)):
-        if direct:
-            (cap, stride), kp, block_r = plan.direct_launch(), 1, plan.direct_block_r
-        else:
-            cap, stride, kp, block_r = plan.width, 0, plan.kp, plan.block_r
-        const = dict(D=D, WIDTH=cap, KP=kp, BLOCK_R=block_r, DIRECT=direct, PERTURB=plan.perturb, SLOT_STRIDE=stride,
-                     OFFSETS_32=True)  # the report's shape: K * D < 2**31
-        out0 = "*i64" if plan.perturb else "*fp32"
-        types = dict(z_ptr="*" + plan.input_dtype, c_ptr="*" + plan.input_dtype, buf_ptr="*i32",
-                     count_ptr="*i32", status_ptr="*i32", list_ptr="*i32", n_list_ptr="*i32", rank_ptr="*i32",
-                     out0_ptr=out0, out1_ptr="*i64", N="i32", K="i32", k="i32", stride_zn="i32",
-                     buf_stride="i32")
-        specs.append(KernelSpec("rerank_direct" if direct else "rerank", _rerank_kernel,
+    out0 = "*i64" if plan.perturb else "*fp32"
+    types = dict(z_ptr="*" + plan.input_dtype, c_ptr="*" + plan.input_dtype, buf_ptr="*i32",
+                 count_ptr="*i32", status_ptr="*i32", list_ptr="*i32", n_list_ptr="*i32", rank_ptr="*i32",
+                 out0_ptr=out0, out1_ptr="*i64", N="i32", K="i32", k="i32", stride_zn="i32",
+                 buf_stride="i32")
+    for const in plan.rerank_constexprs(offsets_32=True):  # the report's shape: K * D < 2**31
+        specs.append(KernelSpec("rerank_direct" if const["DIRECT"] else "rerank", _rerank_kernel,
                                 _with_constexprs(_rerank_kernel, types, const), const, RERANK_WARPS, 1,
-                                {"enable_fp_fusion": False}, elems_per_iter=block_r * cap))
+                                {"enable_fp_fusion": False}, elems_per_iter=const["BLOCK_R"] * const["WIDTH"]))
     return specs
 

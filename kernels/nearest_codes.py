@@ -8,7 +8,7 @@ Shapes and dtypes
 
 Algorithm (each step its own kernel; docs/INTERFACES.md "Exact nearest codes" derives the bound):
   1. prepare_operands (kernels/_search.py): augmented bf16 operands whose single dot is ||z - c||^2 / 2 up to a
-     stated per-row bound E_i; codes padded to whole tiles with NaN search values (no masks in any loop).
+     stated per-row bound E_i; codes padded to whole tiles with search values at FAR (no masks in any loop).
   2. _scan_kernel (kernels/_scan.py): per slot (tile column) the R smallest search values over the codebook;
      per row either settled (k = 1, nothing else within the window: the winning code, or at small D the winning
      slot's K / BLOCK_K codes) or a threshold that holds every true top-k code.
@@ -24,7 +24,6 @@ what benchmarks/kernel_report.py compiles for sm_90 / sm_80 without a GPU.
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from tokpost_fast.kernels._rerank import DIRECT_BLOCK_R, RERANK_WARPS, VECTOR_MIN_D, _rerank_kernel
 from tokpost_fast.kernels._scan import _collect_kernel, _scan_kernel
@@ -115,6 +114,24 @@ class SearchPlan:
         elements = rerank_elements(self.d) // (2 if self.perturb else 1)
         return max(1, min(DIRECT_BLOCK_R, elements // self.direct_launch()[0]))
 
+    def search_constexprs(self, upcast_dot: bool) -> tuple:
+        """(scan, collect) constexprs of the two search passes; upcast_dot: the interpreter's (kernels/_search.py)."""
+        lay = self.layout
+        shape = dict(DPAD=lay.dpad, D_MAIN=lay.d_main, D_TAIL=lay.d_tail, D_CHUNKS=lay.d_chunks,
+                     BLOCK_N=self.block_n, BLOCK_K=self.block_k, UPCAST_DOT=upcast_dot)
+        scan = dict(shape, R=self.tracked, PACK_BITS=self.pack_bits, NEED_KTH=self.need_kth, PERTURB=self.perturb)
+        return scan, dict(shape, CAP=self.cap)
+
+    def rerank_constexprs(self, offsets_32: bool) -> list:
+        """The constexprs of each re-rank launch in launch order: DIRECT (k = 1 or perturbation: the rows pass 1
+        settled), then the general one. offsets_32: K * D < 2**31."""
+        launches = [(self.width, self.kp, self.block_r, False, 0)]
+        if self.kp == 1 or self.perturb:
+            width, stride = self.direct_launch()
+            launches.insert(0, (width, 1, self.direct_block_r, True, stride))
+        return [dict(D=self.d, WIDTH=width, KP=kp, BLOCK_R=block_r, DIRECT=direct, PERTURB=self.perturb,
+                     SLOT_STRIDE=stride, OFFSETS_32=offsets_32) for width, kp, block_r, direct, stride in launches]
+
 
 def _stages(block_n: int, block_k: int, dpad: int, major: int) -> int:
     """Pipeline depth: as many codebook tiles in flight as fit next to the resident z tile while two programs
@@ -198,44 +215,32 @@ def run_search(z, codebook, k: int, perturb: bool, config, out0, out1, randoms=(
     N, D = z.shape
     K = codebook.shape[0]
     plan = search_plan(N, K, D, k, z.dtype, perturb, _capability(z.device), config)
-    lay = plan.layout
-    z_aug, c_aug, err = prepare_operands(z, codebook, lay, plan.block_n, plan.block_k)
+    z_aug, c_aug, err = prepare_operands(z, codebook, plan.layout, plan.block_n, plan.block_k)
     dev = z.device
     status = torch.empty(N, dtype=torch.int32, device=dev)
     thr = torch.empty(N, dtype=torch.float32, device=dev)
     rank = torch.zeros(N if perturb else 1, dtype=torch.int32, device=dev)
     buf = torch.empty(N, plan.cap, dtype=torch.int32, device=dev)
     count = torch.zeros(N, dtype=torch.int32, device=dev)
-    shape = dict(DPAD=lay.dpad, D_MAIN=lay.d_main, D_TAIL=lay.d_tail, D_CHUNKS=lay.d_chunks,
-                 BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, UPCAST_DOT=interpreted())
+    scan_const, collect_const = plan.search_constexprs(upcast_dot=interpreted())
     launch = dict(num_warps=plan.num_warps, num_stages=plan.num_stages)
     seed, threshold, position_offset, topk = randoms
     grid = (cdiv(N, plan.block_n),)
     _scan_kernel[grid](z_aug, c_aug, err, status, thr, buf, rank, N, k, plan.num_tiles, plan.cap,
-                       pack_rel(plan.pack_bits), seed, threshold, position_offset, topk, **shape, R=plan.tracked,
-                       PACK_BITS=plan.pack_bits, NEED_KTH=plan.need_kth, PERTURB=perturb, **launch)
+                       pack_rel(plan.pack_bits), seed, threshold, position_offset, topk, **scan_const, **launch)
     # Rows that pass 1 did not settle, listed first (no host sync: the count stays on the device).
     pending = status <= 0
     n_list = pending.sum(dtype=torch.int32).reshape(1)
     slot = torch.where(pending, torch.cumsum(pending, 0) - 1, N)
     rows = torch.zeros(N + 1, dtype=torch.int32, device=dev)
     rows.scatter_(0, slot, torch.arange(N, dtype=torch.int32, device=dev))
-    _collect_kernel[grid](z_aug, c_aug, thr, rows, n_list, buf, count, plan.num_tiles, **shape, CAP=plan.cap,
-                          **launch)
+    _collect_kernel[grid](z_aug, c_aug, thr, rows, n_list, buf, count, plan.num_tiles, **collect_const, **launch)
     # The re-rank reads code rows at stride D (a codebook slice is copied: K x D, small next to the search).
     codebook = codebook.contiguous()
-    common = (z, codebook, buf, count, status, rows, n_list, rank, out0, out1, N, K, k, z.stride(0), plan.cap, D)
+    common = (z, codebook, buf, count, status, rows, n_list, rank, out0, out1, N, K, k, z.stride(0), plan.cap)
     # enable_fp_fusion=False: the difference form must not become fused multiply-adds (the contract).
-    offsets_32 = K * D < 2**31
-    if plan.kp == 1 or perturb:
-        cap, stride = plan.direct_launch()
-        _rerank_kernel[(cdiv(N, plan.direct_block_r),)](*common, WIDTH=cap, KP=1, BLOCK_R=plan.direct_block_r,
-                                                        DIRECT=True, PERTURB=perturb, SLOT_STRIDE=stride,
-                                                        OFFSETS_32=offsets_32, num_warps=RERANK_WARPS,
-                                                        enable_fp_fusion=False)
-    _rerank_kernel[(cdiv(N, plan.block_r),)](*common, WIDTH=plan.width, KP=plan.kp, BLOCK_R=plan.block_r, DIRECT=False,
-                                             PERTURB=perturb, SLOT_STRIDE=0, OFFSETS_32=offsets_32,
-                                             num_warps=RERANK_WARPS, enable_fp_fusion=False)
+    for const in plan.rerank_constexprs(offsets_32=K * D < 2**31):
+        _rerank_kernel[(cdiv(N, const["BLOCK_R"]),)](*common, **const, num_warps=RERANK_WARPS, enable_fp_fusion=False)
     return plan
 
 

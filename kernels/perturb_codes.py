@@ -19,7 +19,6 @@ its (rank + 1)-th tracked value, and the exact re-rank picks rank 0 and rank r f
 
 import torch
 
-from tokpost_fast.kernels._rank import PERTURB_STREAM  # noqa: F401  (tests check it against ops.philox)
 from tokpost_fast.kernels.nearest_codes import check_inputs, run_search
 
 

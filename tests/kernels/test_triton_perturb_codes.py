@@ -8,7 +8,7 @@ Seeds, thresholds and offsets straddle the i32 / u32 / i64 argument typing and t
 import pytest
 import torch
 
-from tokpost_fast.kernels import perturb_codes as triton_perturb
+from tokpost_fast.kernels import _rank
 from tokpost_fast.kernels.perturb_codes import perturb_codes_triton
 from tokpost_fast.ops import philox
 from tokpost_fast.ops.perturb_codes import perturb_codes_reference
@@ -27,7 +27,7 @@ OFFSETS = [0, 2**32 - 40]  # the second crosses into the counter's hi word withi
 
 
 def test_stream_constant_matches_the_contract():
-    assert triton_perturb.PERTURB_STREAM.value == philox.PERTURB_STREAM
+    assert _rank.PERTURB_STREAM.value == philox.PERTURB_STREAM
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -30,7 +30,8 @@ def squared_distances_reference(z: torch.Tensor, codebook: torch.Tensor) -> torc
     """[N, D], [K, D] -> [N, K] fp32 distances in the expanded (search) form; NaN -> +inf.
 
     Fast but cancelling: two codes within ~(D + 2) * 2**-24 * (||z|| + ||c||)^2 of each other may come out in the
-    wrong order. nearest_codes_reference does not use it (see exact_distances_reference); k-means does."""
+    wrong order. nearest_codes_reference does not use it (see exact_distances_reference); the tests use it as
+    the control that near-tie data are hard."""
     z32, c32 = z.float(), codebook.float()
     dist = (z32 * z32).sum(1, keepdim=True) - 2.0 * (z32 @ c32.T) + (c32 * c32).sum(1)[None, :]
     return torch.where(dist.isnan(), float("inf"), dist)
