@@ -9,8 +9,8 @@ import torch
 
 from tokpost_fast.atomic import (atomic_open, atomic_torch_save, atomic_write_json, atomic_write_with, file_sha256,
                                  remove_stale_temps)
-from tokpost_fast.stages.checkpoint import MANIFEST, STATE_FILE, checkpoint_problem, latest_checkpoint, manifest_of
-from tokpost_fast.stages.run_log import JsonlLog
+from tokpost_fast.training.checkpoint import MANIFEST, STATE_FILE, checkpoint_problem, latest_checkpoint, manifest_of
+from tokpost_fast.training.run_log import JsonlLog
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):

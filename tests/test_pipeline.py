@@ -57,7 +57,7 @@ def check_arms_report(run, saved):
 def check_no_leak(run, config):
     """The cache (and so post-training) holds train images only; the val images are what the metrics read."""
     from tokpost_fast.data import ImageFolderDataset
-    from tokpost_fast.stages.token_cache import load_rows, read_index
+    from tokpost_fast.data.token_cache import load_rows, read_index
 
     cfg = load_config(run / "pipeline_config.yaml")
     val = {p for p, _ in ImageFolderDataset(cfg.data, train=False, split="val").samples}

@@ -78,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     tokenizer = args.tokenizer
     if tokenizer is not None and tokenizer.startswith(("llamagen:", "sdvae:")):
-        from tokpost_fast.stages.external_tokenizer import image_size_of_run, load_tokenizer_spec
+        from tokpost_fast.models.tokenizer.external import image_size_of_run, load_tokenizer_spec
 
         tokenizer = load_tokenizer_spec(tokenizer, image_size_of_run(args.run_dir, args.config))
     return evaluate_run(

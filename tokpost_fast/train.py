@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 from tokpost_fast.config import ConfigError, load_config
 from tokpost_fast.stages import SECTIONS, STAGES, StageNotImplemented, get_stage
-from tokpost_fast.stages.common import NonFiniteLossError
+from tokpost_fast.training.engine import NonFiniteLossError
 
 DATA_BACKENDS = ("auto", "dali", "torch")
 
@@ -57,7 +57,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", default=None, metavar="llamagen:PATH|sdvae:PATH|PATH",
                         help="off-the-shelf tokenizer for gen/cache/post (LlamaGen VQ, or a Stable-Diffusion VAE in "
                              "the diffusers layout), imported once into RUN_DIR/tokenizer.pt "
-                             "(stages/external_tokenizer.py)")
+                             "(models/tokenizer/external.py)")
     # The DeepSpeed launcher appends --local_rank=N; the rank is read from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -82,14 +82,14 @@ def overrides(args: argparse.Namespace) -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Parse, check, then run the stage. Callable in-process (tests): the process group is reused if present."""
     args = parse_args(argv)
-    from tokpost_fast.stages.common import init_distributed, launcher_world_size
+    from tokpost_fast.training.engine import init_distributed, launcher_world_size
 
     cfg = load_config(args.config, overrides(args), world_size=launcher_world_size(), stage=args.stage)
     run = get_stage(args.stage)
     check_image_folder(cfg)
     init_distributed()
     if args.tokenizer is not None:
-        from tokpost_fast.stages.external_tokenizer import install_tokenizer
+        from tokpost_fast.models.tokenizer.external import install_tokenizer
 
         install_tokenizer(args.tokenizer, Path(args.run_dir), cfg, args.stage)
     return run(cfg, Path(args.run_dir), resume=args.resume)

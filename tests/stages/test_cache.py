@@ -10,7 +10,7 @@ import torch
 from tests.stages.tiny_run import CACHE, build_tiny_run, copy_run
 from tokpost_fast.config import load_config
 from tokpost_fast.models.tokenizer import load_tokenizer
-from tokpost_fast.stages.token_cache import (INDEX, CacheMismatch, file_sha256, read_shard, shard_name,
+from tokpost_fast.data.token_cache import (INDEX, CacheMismatch, file_sha256, read_shard, shard_name,
                                              verify_cache)
 from tokpost_fast.train import main as train_main
 
@@ -56,7 +56,7 @@ def test_shards_hold_teacher_forced_grids_that_decode_to_images(cached):
 
 def test_keep_mask_rate_is_sigma(cached):
     run, _ = cached
-    from tokpost_fast.stages.token_cache import load_rows, read_index
+    from tokpost_fast.data.token_cache import load_rows, read_index
 
     rows = load_rows(run / "cache", read_index(run / "cache"))
     n = rows.keep_mask.numel()                                     # 20 images x 16 tokens

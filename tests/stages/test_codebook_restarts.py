@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.stages.conftest import REPO, free_port, launch_env, run_deepspeed, run_python, write_main_config
-from tokpost_fast.stages.checkpoint import STATE_FILE, latest_checkpoint
+from tokpost_fast.training.checkpoint import STATE_FILE, latest_checkpoint
 
 # Restarts within a few steps of the tiny main-stage config (64 tokens per rank per step, K = 64).
 RESTARTS = {"restart_dead": True, "dead_threshold": 1.0, "dead_window": 2, "usage_decay": 0.5}
@@ -52,7 +52,7 @@ def _worker(out_dir: Path) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from tokpost_fast.models.tokenizer.quantizer import DeadCodeTracker, VectorQuantizer
-    from tokpost_fast.stages.common import build_engine, deepspeed_config, init_distributed
+    from tokpost_fast.training.engine import build_engine, deepspeed_config, init_distributed
 
     class Toy(torch.nn.Module):
         def __init__(self):

@@ -20,8 +20,8 @@ from tokpost_fast.models.generator import load_generator
 from tokpost_fast.models.tokenizer import TokenizerConfig, build_tokenizer, load_tokenizer, save_tokenizer
 from tokpost_fast.sample import main as sample_main
 from tokpost_fast.stages.cache import image_seed
-from tokpost_fast.stages.checkpoint import latest_checkpoint
-from tokpost_fast.stages.token_cache import (INDEX, LATENT_FORMAT, CacheMismatch, LatentRows, file_sha256,
+from tokpost_fast.training.checkpoint import latest_checkpoint
+from tokpost_fast.data.token_cache import (INDEX, LATENT_FORMAT, CacheMismatch, LatentRows, file_sha256,
                                              read_shard, shard_name, verify_cache)
 from tokpost_fast.train import main as train_main
 
@@ -255,7 +255,7 @@ def test_two_rank_post_training_on_latents_changes_only_the_decoder(continuous_r
 
 
 def test_gen_config_checks_the_dit_fields():
-    from tokpost_fast.stages.gen_config import GenStageConfig
+    from tokpost_fast.config.gen import GenStageConfig
 
     assert GenStageConfig(generator="dit").preset == "demo_dit" and GenStageConfig().preset == "demo"
     with pytest.raises(ValueError, match="gen.preset"):

@@ -20,9 +20,9 @@ from tokpost_fast.models.generator import load_generator
 from tokpost_fast.models.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, tokenizer_config
 from tokpost_fast.sample import file_sha256
 from tokpost_fast.sample import main as sample_main
-from tokpost_fast.stages.common import DistInfo
+from tokpost_fast.training.engine import DistInfo
 from tokpost_fast.stages.gen import extract_tokens
-from tokpost_fast.stages.gen_config import GenStageConfig
+from tokpost_fast.config.gen import GenStageConfig
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = dict(image_size=32, codebook_size=64, codebook_embed_dim=8, width=32, depth=1, heads=2, patch_size=8,
@@ -195,7 +195,7 @@ def test_rar_order_resumes_mid_anneal_to_the_straight_run_and_feeds_the_cache(se
     assert ratios == pytest.approx([1.0, 1.0, 1.0, 2 / 3, 1 / 3, 0.0])
     assert (cut / "gen" / "samples" / "step-00000006.png").is_file()          # sampled in raster order
 
-    from tokpost_fast.stages.token_cache import load_rows, read_index
+    from tokpost_fast.data.token_cache import load_rows, read_index
     from tokpost_fast.train import main as train_main
 
     result = train_main(["--stage", "cache", "--config", str(config), "--run-dir", str(cut)])

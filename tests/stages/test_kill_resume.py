@@ -24,7 +24,7 @@ import torch
 
 from tests.stages.conftest import REPO, launch_env, write_image_folder, write_main_config
 from tests.stages.tiny_run import build_tiny_run, config_with, copy_run
-from tokpost_fast.stages.token_cache import INDEX, shard_name
+from tokpost_fast.data.token_cache import INDEX, shard_name
 from tokpost_fast.train import main as train_main
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import torch
 from tests.stages.conftest import TINY_TOKENIZER, run_deepspeed, run_python, write_main_config
 from tokpost_fast.models.tokenizer import TokenizerConfig, build_tokenizer, load_tokenizer
 from tokpost_fast.perturb import PerturbConfig, anneal_ratio, perturb_params, perturbed_count, step_seed
-from tokpost_fast.stages.checkpoint import latest_checkpoint
+from tokpost_fast.training.checkpoint import latest_checkpoint
 
 
 # --- A2 schedule ------------------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def test_two_rank_deepspeed_run_checkpoints_and_exports(tiny_image_folder, tmp_p
 
 # --- shared machinery -------------------------------------------------------------------------------------------
 def test_cosine_lr_warms_up_then_decays_to_min():
-    from tokpost_fast.stages.common import cosine_lr
+    from tokpost_fast.training.engine import cosine_lr
 
     lrs = [cosine_lr(s, 100, 10, 1e-3, 1e-5) for s in range(101)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
@@ -177,7 +177,7 @@ def test_cosine_lr_warms_up_then_decays_to_min():
 
 
 def test_non_finite_guard_skips_then_stops():
-    from tokpost_fast.stages.common import NonFiniteGuard, NonFiniteLossError
+    from tokpost_fast.training.engine import NonFiniteGuard, NonFiniteLossError
 
     guard = NonFiniteGuard(max_in_row=3, device=torch.device("cpu"))
     assert guard.ok(torch.tensor(1.0))
@@ -209,7 +209,7 @@ def test_diverged_run_stops_and_keeps_the_last_good_checkpoint(tiny_image_folder
 
 
 def test_codebook_usage_over_a_window():
-    from tokpost_fast.stages.run_log import CodebookUsage
+    from tokpost_fast.training.run_log import CodebookUsage
 
     usage = CodebookUsage(codebook_size=8, window=2)
     usage.add(torch.tensor([0, 0, 1, 1]))

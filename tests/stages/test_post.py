@@ -14,8 +14,8 @@ from tests.stages.conftest import run_deepspeed
 from tests.stages.tiny_run import build_tiny_run
 from tokpost_fast.config import ConfigError
 from tokpost_fast.models.tokenizer import TokenizerConfig, build_tokenizer, load_tokenizer
-from tokpost_fast.stages.checkpoint import latest_checkpoint
-from tokpost_fast.stages.token_cache import INDEX, file_sha256, shard_name
+from tokpost_fast.training.checkpoint import latest_checkpoint
+from tokpost_fast.data.token_cache import INDEX, file_sha256, shard_name
 from tokpost_fast.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[2]

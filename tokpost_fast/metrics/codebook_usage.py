@@ -60,7 +60,7 @@ def usage_stats(indices: torch.Tensor, codebook_size: int) -> dict:
 
 def read_log(path: Union[str, Path]) -> list[dict]:
     """The rows of a log.jsonl (a half-written last line is skipped)."""
-    from tokpost_fast.stages.run_log import _parse_row
+    from tokpost_fast.training.run_log import _parse_row
 
     return [row for line in Path(path).read_text().splitlines() if (row := _parse_row(line)) is not None]
 
@@ -107,11 +107,11 @@ def plot_usage(series: dict[str, list], path: Union[str, Path], codebook_size: O
 
 
 def cache_usage(cache_dir: Union[str, Path], codebook_size: int) -> dict:
-    """Usage of the post-training cache (stages/token_cache.py): the teacher-forced generated grids against the
+    """Usage of the post-training cache (data/token_cache.py): the teacher-forced generated grids against the
     clean grids of the same real images, over all positions and over the resampled ones only (keep_mask False:
     where the generator's sample stands). `new_codes_in_generated`: codes the generated grids use that no clean
     grid does; `changed_fraction`: the fraction of tokens that differ from the clean grid."""
-    from tokpost_fast.stages.token_cache import CacheRows, load_rows, read_index
+    from tokpost_fast.data.token_cache import CacheRows, load_rows, read_index
 
     folder = Path(cache_dir)
     rows = load_rows(folder, read_index(folder))

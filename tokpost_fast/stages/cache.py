@@ -5,7 +5,7 @@
 For each selected real training image (center crop, no augmentation): encode it with the frozen DIR/tokenizer.pt
 into ground-truth tokens t, draw a keep-mask m ~ Bernoulli(sigma) and run DIR/generator.pt token by token, taking
 t_i where m_i = 1 and the generator's sample elsewhere (models/generator/sampling.py: teacher_forced_sample).
-The grids go to DIR/cache/shard-NNNNN.safetensors (format: stages/token_cache.py), shard s written by rank
+The grids go to DIR/cache/shard-NNNNN.safetensors (format: data/token_cache.py), shard s written by rank
 s % world_size. Shard s is sampled in chunks of cache.batch_size rows, chunk c with the seed
 chunk_seed(cache.seed, s, c): a shard's bytes depend only on the settings, never on the world size or on
 interruptions, so a re-run (with or without --resume: present shards are complete by construction) continues at
@@ -14,7 +14,7 @@ the first missing shard and ends byte-identical to one clean run. DIR/cache/inde
 Continuous tokenizer + DiT generator (issue 8; our reading of the paper, the diffusion analogue of the teacher
 forcing above): each real latent x0 = encode_latent(image) * scaling_factor is noised to level cache.post_strength,
 x_s = (1 - s) x0 + s eps, and the DiT integrates it back to t = 0 (models/generator/diffusion.py: denoise_from);
-the result, divided by scaling_factor, is stored as fp16 `latents` (format: stages/token_cache.py). eps is drawn
+the result, divided by scaling_factor, is stored as fp16 `latents` (format: data/token_cache.py). eps is drawn
 per image from image_seed(cache.seed, image index), so a shard's bytes again depend only on the settings.
 s = 0 stores the real latent itself, s = 1 a pure sample of the image's class.
 """
@@ -25,64 +25,14 @@ import hashlib
 import logging
 import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from tokpost_fast.checks import field_check
 
 log = logging.getLogger("tokpost_fast.train")
-
-
-@dataclass
-class CacheStageConfig:
-    """Post-training set construction (SPEC A5.1, A7). Sampling defaults: the official post-training config
-    (T 1.0, g 16, p 2.75); which settings produced the paper's set is an open point (SPEC A7)."""
-
-    sigma: float = 0.7                  # P(keep the ground-truth token); 1 = reconstruction, 0 = pure generation
-    num_images: Optional[int] = None    # images in the set (a seeded subset); None: all training images
-    shard_size: int = 1024              # rows per shard file
-    batch_size: int = 64                # rows per sampling call (part of the seed layout: recorded in the index)
-    temperature: float = 1.0
-    cfg_scale: float = 16.0             # classifier-free guidance g (SPEC A4 schedule)
-    cfg_power: float = 2.75             # guidance schedule power p
-    top_k: int = 0                      # 0: no top-k filter
-    top_p: float = 1.0                  # 1.0: no nucleus filter
-    # continuous tokenizer + DiT (issue 8): the noise level each real latent is denoised from (0: the real
-    # latent, 1: pure noise); 0.3 mirrors sigma = 0.7's 30 % generated tokens. Euler steps of the full [1, 0]
-    # path (a partial denoise takes its share) and guidance on the velocity (DiT's FID setting 1.5).
-    post_strength: float = 0.3
-    denoise_steps: int = 50
-    denoise_cfg_scale: float = 1.5
-    seed: int = 0
-    max_steps: Optional[int] = None     # build only shards [0, max_steps) (a shard is this stage's step)
-    precision: str = "auto"             # auto: bf16 autocast on GPU, fp32 on CPU
-
-    def __post_init__(self) -> None:
-        check = field_check(self, "cache")
-
-        check("sigma", 0.0 <= self.sigma <= 1.0, "must be in [0, 1]")
-        check("num_images", self.num_images is None or self.num_images >= 1, "must be None or >= 1")
-        check("shard_size", self.shard_size >= 1, "must be >= 1")
-        check("batch_size", self.batch_size >= 1, "must be >= 1")
-        check("temperature", self.temperature >= 0, "must be >= 0 (0: greedy)")
-        check("cfg_scale", self.cfg_scale >= 0, "must be >= 0")
-        check("cfg_power", self.cfg_power > 0, "must be > 0")
-        check("top_k", self.top_k >= 0, "must be >= 0")
-        check("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]")
-        check("post_strength", 0.0 <= self.post_strength <= 1.0, "must be in [0, 1]")
-        check("denoise_steps", self.denoise_steps >= 1, "must be >= 1")
-        check("denoise_cfg_scale", self.denoise_cfg_scale >= 0, "must be >= 0")
-        check("seed", 0 <= self.seed < 2**62, "must be in [0, 2**62)")
-        check("max_steps", self.max_steps is None or self.max_steps >= 0, "must be None or >= 0")
-        check("precision", self.precision in ("auto", "fp32", "bf16"), "must be auto, fp32 or bf16")
-
-    def sampling(self) -> dict:
-        return dict(temperature=self.temperature, cfg_scale=self.cfg_scale, cfg_power=self.cfg_power,
-                    top_k=self.top_k, top_p=self.top_p)
 
 
 def chunk_seed(seed: int, shard: int, chunk: int) -> int:
@@ -143,7 +93,7 @@ def _prepare_folder(folder: Path, plan: dict, note) -> None:
     import json
 
     from tokpost_fast.atomic import remove_stale_temps
-    from tokpost_fast.stages.token_cache import PLAN, settings_diff, write_json_atomic
+    from tokpost_fast.data.token_cache import PLAN, settings_diff, write_json_atomic
 
     plan_path = folder / PLAN
     if plan_path.is_file():
@@ -164,7 +114,7 @@ def _prepare_folder(folder: Path, plan: dict, note) -> None:
 def _token_rows(tokenizer, gpt, cc, shard: int, chunk: int, images, labels, indices, dataset):
     """SPEC A5.1 for one chunk: teacher-forced grids, the chunk's seed from (cache.seed, shard, chunk)."""
     from tokpost_fast.models.generator import teacher_forced_sample
-    from tokpost_fast.stages.token_cache import CacheRows
+    from tokpost_fast.data.token_cache import CacheRows
 
     seed, grid, b = chunk_seed(cc.seed, shard, chunk), tokenizer.grid_size, images.shape[0]
     gt = tokenizer.encode(images)                                                   # [b, h, w]
@@ -180,7 +130,7 @@ def _latent_rows(tokenizer, dit, cc, images, labels, indices, dataset):
     """The continuous analogue for one chunk: real latents denoised by the DiT from level post_strength, each
     image's noise from its own seed (drawn on the CPU: the same on every device and batch split)."""
     from tokpost_fast.models.generator import denoise_from
-    from tokpost_fast.stages.token_cache import LatentRows
+    from tokpost_fast.data.token_cache import LatentRows
 
     seeds = [image_seed(cc.seed, int(i)) for i in indices]
     z = tokenizer.encode_latent(images).float()                                     # [b, C, h, w]
@@ -207,9 +157,9 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
     from tokpost_fast.data.folder import collate
     from tokpost_fast.models.generator import load_generator
     from tokpost_fast.models.tokenizer import load_tokenizer
-    from tokpost_fast.stages.common import autocast, barrier, init_distributed, resolve_precision
-    from tokpost_fast.stages.run_log import JsonlLog
-    from tokpost_fast.stages.token_cache import (FORMAT, INDEX, LATENT_FORMAT, CacheRows, LatentRows, file_sha256,
+    from tokpost_fast.training.engine import autocast, barrier, init_distributed, resolve_precision
+    from tokpost_fast.training.run_log import JsonlLog
+    from tokpost_fast.data.token_cache import (FORMAT, INDEX, LATENT_FORMAT, CacheRows, LatentRows, file_sha256,
                                                  read_index, shard_name, token_dtype, write_json_atomic,
                                                  write_latent_shard, write_shard)
 

@@ -37,7 +37,7 @@ from tokpost_fast.models.generator import (build_generator, draw_orders, flow_lo
                                            next_token_loss, order_generator, permute_tokens, random_ratio,
                                            save_generator)
 from tokpost_fast.models.generator.config import config_to_dict
-from tokpost_fast.stages.common import (EMA, NonFiniteGuard, all_reduce_sum, autocast, barrier, cosine_lr,
+from tokpost_fast.training.engine import (EMA, NonFiniteGuard, all_reduce_sum, autocast, barrier, cosine_lr,
                                         deepspeed_config, init_distributed, resolve_precision, seed_everything,
                                         set_lr)
 
@@ -81,7 +81,7 @@ def extract_latents(cfg, run_dir: Path, tokenizer, tokenizer_hash: str, info, pr
 
 def _extract(cfg, run_dir, tokenizer, tokenizer_hash, info, precision, jsonl, key, encode, dtype, row_shape):
     from tokpost_fast.data import build_loader
-    from tokpost_fast.stages.run_log import progress_bar
+    from tokpost_fast.training.run_log import progress_bar
 
     gen = cfg.gen
     folder = Path(run_dir) / key
@@ -161,8 +161,8 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
 
     from tokpost_fast.models.tokenizer import load_tokenizer
     from tokpost_fast.sample import file_sha256, sample_images, save_image_grid
-    from tokpost_fast.stages.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from tokpost_fast.stages.run_log import JsonlLog, progress_bar
+    from tokpost_fast.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from tokpost_fast.training.run_log import JsonlLog, progress_bar
 
     gen, run_dir = cfg.gen, Path(run_dir)
     stage_dir = run_dir / "gen"

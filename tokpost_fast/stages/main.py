@@ -38,12 +38,12 @@ from tokpost_fast.models.tokenizer import Tokenizer, build_discriminator, build_
 from tokpost_fast.models.tokenizer.kl import estimate_scaling_factor
 from tokpost_fast.models.tokenizer.quantizer import DeadCodeTracker, synchronised_fingerprints
 from tokpost_fast.perturb import perturb_params, perturbed_samples, step_seed
-from tokpost_fast.stages.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tokpost_fast.stages.common import (EMA, DistInfo, NonFiniteGuard, NonFiniteLossError, autocast, barrier,
+from tokpost_fast.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tokpost_fast.training.engine import (EMA, DistInfo, NonFiniteGuard, NonFiniteLossError, autocast, barrier,
                                         build_engine, cosine_lr, deepspeed_config, init_distributed, param_count,
                                         resolve_precision, seed_everything, set_lr,
                                         unreadable_images_all_ranks)
-from tokpost_fast.stages.run_log import CodebookUsage, JsonlLog, StepTimer, progress_bar, save_image_grid
+from tokpost_fast.training.run_log import CodebookUsage, JsonlLog, StepTimer, progress_bar, save_image_grid
 
 log = logging.getLogger("tokpost_fast.train")
 

@@ -42,14 +42,14 @@ from tokpost_fast.losses import build_tokenizer_loss
 from tokpost_fast.models.tokenizer import build_discriminator, load_tokenizer, save_tokenizer
 from tokpost_fast.perturb import step_seed
 from tokpost_fast.stages.cache import cache_settings, select_images
-from tokpost_fast.stages.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tokpost_fast.stages.common import (EMA, NonFiniteGuard, autocast, barrier, build_engine, cosine_lr,
+from tokpost_fast.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tokpost_fast.training.engine import (EMA, NonFiniteGuard, autocast, barrier, build_engine, cosine_lr,
                                         deepspeed_config, init_distributed, param_count, resolve_precision,
                                         seed_everything, set_lr)
 from tokpost_fast.stages.main import GeneratorObjective, state_hash
-from tokpost_fast.stages.post_config import INPUTS, PostStageConfig  # noqa: F401  (re-exported)
-from tokpost_fast.stages.run_log import JsonlLog, StepTimer, progress_bar, save_image_grid
-from tokpost_fast.stages.token_cache import (FORMAT, INDEX, LATENT_FORMAT, CacheMismatch, file_sha256, load_rows,
+from tokpost_fast.config.post import INPUTS, PostStageConfig  # noqa: F401  (re-exported)
+from tokpost_fast.training.run_log import JsonlLog, StepTimer, progress_bar, save_image_grid
+from tokpost_fast.data.token_cache import (FORMAT, INDEX, LATENT_FORMAT, CacheMismatch, file_sha256, load_rows,
                                              read_index, verify_cache)
 
 log = logging.getLogger("tokpost_fast.train")

@@ -15,7 +15,7 @@ from tests.models.tokenizer.make_diffusers_fixture import fill_state, small_inpu
 from tokpost_fast.models.tokenizer import (KLTokenizer, TokenizerConfig, build_tokenizer, load_sdvae_checkpoint,
                                            load_tokenizer, sdvae_config, tokenizer_config)
 from tokpost_fast.models.tokenizer.kl_checkpoint import rename_legacy_attention
-from tokpost_fast.stages.external_tokenizer import load_tokenizer_spec, parse_spec
+from tokpost_fast.models.tokenizer.external import load_tokenizer_spec, parse_spec
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "diffusers_sdvae_keys.json")
 
@@ -177,7 +177,7 @@ INSTALL = """
 import sys
 from pathlib import Path
 from tokpost_fast.config import ConfigError, load_config
-from tokpost_fast.stages.external_tokenizer import install_tokenizer
+from tokpost_fast.models.tokenizer.external import install_tokenizer
 cfg = load_config(overrides=["data.image_size=16", "tokenizer.image_size=16"])
 run_dir = Path(sys.argv[1])
 for spec in sys.argv[2:]:

@@ -34,9 +34,9 @@ from tokpost_fast.losses import LossConfig
 from tokpost_fast.metrics.config import EvalConfig
 from tokpost_fast.models.tokenizer.config import TOKENIZER_PRESETS, VQ_ARCHS, CodebookConfig, TokenizerConfig
 from tokpost_fast.perturb import PerturbConfig, perturbed_count
-from tokpost_fast.stages.cache import CacheStageConfig
-from tokpost_fast.stages.gen_config import GenStageConfig
-from tokpost_fast.stages.post_config import PostStageConfig
+from tokpost_fast.config.cache import CacheStageConfig
+from tokpost_fast.config.gen import GenStageConfig
+from tokpost_fast.config.post import PostStageConfig
 
 PRECISIONS = ("auto", "fp32", "bf16")
 

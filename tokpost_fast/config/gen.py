@@ -1,7 +1,7 @@
 """gen.* settings: the generator training stage's config (SPEC A4), checked before any work.
 
 Kept apart from stages/gen.py (the stage itself) as post_config.py is from post.py; the run configuration
-(tokpost_fast/config.py) imports it from there.
+(tokpost_fast/config/__init__.py) imports it from there.
 """
 
 from __future__ import annotations

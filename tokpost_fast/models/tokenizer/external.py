@@ -66,8 +66,8 @@ def install_tokenizer(spec: str, run_dir: Path, cfg, stage: str) -> Path:
     returns its path. Refuses for stage main (which trains its own tokenizer) and over a tokenizer.pt of another
     origin."""
     from tokpost_fast.models.tokenizer import save_tokenizer
-    from tokpost_fast.stages.common import barrier, broadcast_object, init_distributed
-    from tokpost_fast.stages.token_cache import file_sha256
+    from tokpost_fast.training.engine import barrier, broadcast_object, init_distributed
+    from tokpost_fast.data.token_cache import file_sha256
 
     if stage == "main":
         from tokpost_fast.config import ConfigError

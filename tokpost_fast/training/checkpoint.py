@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from tokpost_fast.atomic import atomic_write_json, atomic_write_text, file_sha256
-from tokpost_fast.stages.common import DistInfo, barrier
+from tokpost_fast.training.engine import DistInfo, barrier
 
 log = logging.getLogger("tokpost_fast.train")
 

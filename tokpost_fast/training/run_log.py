@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from tokpost_fast.atomic import atomic_write_text
-from tokpost_fast.stages.common import all_reduce_sum
+from tokpost_fast.training.engine import all_reduce_sum
 
 log = logging.getLogger("tokpost_fast.train")
 

@@ -1,5 +1,5 @@
 """What every training stage shares: the process group, DeepSpeed engines, the LR schedule, the EMA of weights and
-the non-finite-loss guard. Checkpoints are in stages/checkpoint.py, logging / timing / samples in stages/run_log.py.
+the non-finite-loss guard. Checkpoints are in training/checkpoint.py, logging / timing / samples in training/run_log.py.
 
 One code path for every launcher: `deepspeed`, `torchrun` and plain `python` (which gets a 1-rank gloo group), so
 a stage never branches on how it was started.
