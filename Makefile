@@ -14,7 +14,7 @@ export CUDA_HOME
 MAX_JOBS ?= 2
 export MAX_JOBS
 DATA ?= data/embedded
-# `make demo PIPELINE=continuous`: the KL tokenizer + DiT pipeline (configs/demo_continuous.yaml, issue 8)
+# `make demo PIPELINE=continuous`: the KL tokenizer + DiT pipeline (configs/demo_continuous.yaml)
 PIPELINE ?= vq
 ifeq ($(PIPELINE),continuous)
 DEMO_CONFIG := configs/demo_continuous.yaml

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (issue 11): on one H200 or H100 in under 8 minutes it builds the extension for the card,
+# One prepared GPU check: on one H200 or H100 in under 8 minutes it builds the extension for the card,
 # runs the ops and kernel tests natively, runs compute-sanitizer memcheck on small awkward cases, times every
 # provider side by side with a correctness gate first (benchmarks/gpu/bench_driver.py), and runs the user's
 # training commands for a few steps each. Results land under $OUT as they are produced (at most 8 files):

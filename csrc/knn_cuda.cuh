@@ -55,7 +55,7 @@ __device__ __forceinline__ void rank_into(const uint64_t* buf, int64_t count, in
   __syncwarp();
 }
 
-// Rows [row0, row0 + rows) of z. kPerturb: row k = Philox rank + 1 (SPEC A2), writes idx_out/pert_out; else
+// Rows [row0, row0 + rows) of z. kPerturb: row k = Philox rank + 1 (METHOD.md A2), writes idx_out/pert_out; else
 // k = k_fixed, writes out_dist/out_idx [N, k_fixed]. work: [rows, row_buffer_len(k_fixed)] (unused if k_fixed == 1).
 template <typename scalar_t, bool kPerturb>
 __global__ void __launch_bounds__(kWarps * 32)

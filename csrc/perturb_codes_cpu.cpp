@@ -1,4 +1,4 @@
-// perturb_codes on the CPU: the SPEC A2 operator fused with the nearest-code search.
+// perturb_codes on the CPU: the METHOD.md A2 operator fused with the nearest-code search.
 // The rank of every token comes from Philox before any distance is computed, so a row with rank r only searches
 // its r + 1 nearest codes (rank 0, the common case at rate < 1, is a plain argmin).
 #include <ATen/Parallel.h>

@@ -1,4 +1,4 @@
-// Philox4x32-10 (Random123), host and device, and the perturbation rank of SPEC A2.
+// Philox4x32-10 (Random123), host and device, and the perturbation rank of METHOD.md A2.
 // The contract is tokpost_fast/ops/philox.py (change every backend together):
 //   key = (seed lo32, seed hi32), counter = (p lo32, p hi32, PERTURB_STREAM, 0), p = the token's position
 //   resample = r0 < threshold (64-bit compare, threshold in [0, 2**32]); rank = resample ? (r1 * topk) >> 32 : 0

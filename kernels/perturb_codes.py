@@ -1,4 +1,4 @@
-"""Triton latent perturbation (SPEC A2; `perturb_codes` of docs/INTERFACES.md), fused with the exact search.
+"""Triton latent perturbation (METHOD.md A2; `perturb_codes` of docs/INTERFACES.md), fused with the exact search.
 
 Shapes and dtypes
   z              [N, D]  fp32 / fp16 / bf16;  codebook [K, D] same dtype

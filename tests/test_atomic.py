@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from tokpost_fast.atomic import (atomic_open, atomic_torch_save, atomic_write_json, atomic_write_with, file_sha256,
-                                 remove_stale_temps)
+from tokpost_fast.atomic import (atomic_folder, atomic_open, atomic_torch_save, atomic_write_json, atomic_write_with,
+                                 file_sha256, remove_stale_temps)
 from tokpost_fast.training.checkpoint import MANIFEST, STATE_FILE, checkpoint_problem, latest_checkpoint, manifest_of
 from tokpost_fast.training.run_log import JsonlLog
 
@@ -34,6 +34,27 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         with atomic_open(target, "a"):
             pass
+
+
+def test_atomic_folder_lands_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "dataset"
+    with atomic_folder(out) as tmp:
+        os.makedirs(os.path.join(tmp, "a"))
+        (tmp_path / "dataset.seen").write_text(str(os.path.exists(out)))     # not there while being written
+        with open(os.path.join(tmp, "a", "x.txt"), "w") as f:
+            f.write("first")
+    assert (tmp_path / "dataset.seen").read_text() == "False" and (out / "a" / "x.txt").read_text() == "first"
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_folder(out) as tmp:
+            with open(os.path.join(tmp, "partial.txt"), "w") as f:
+                f.write("half")
+            raise RuntimeError("killed builder")
+    assert sorted(os.listdir(out)) == ["a"]                                  # the old folder is untouched
+    with atomic_folder(out) as tmp:                                          # a complete rebuild replaces it
+        with open(os.path.join(tmp, "y.txt"), "w") as f:
+            f.write("second")
+    assert sorted(os.listdir(out)) == ["y.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["dataset", "dataset.seen"]       # no temporary folder left
 
 
 def test_remove_stale_temps_removes_only_our_temps(tmp_path):

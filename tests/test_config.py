@@ -1,4 +1,4 @@
-"""Run configuration (tokpost_fast/config/__init__.py): YAML + --set, strict keys with close matches, types and values
+"""Run configuration (tokpost_fast/config/loader.py): YAML + --set, strict keys with close matches, types and values
 checked before any work, naming the field; and train.py's handling of bad configs and missing stages."""
 
 import subprocess

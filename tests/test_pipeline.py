@@ -9,6 +9,8 @@ import torch
 
 from tests.stages.conftest import write_image_folder, write_main_config
 from tokpost_fast.config import load_config
+from tokpost_fast.metrics import arms
+from tokpost_fast.models.tokenizer import load_tokenizer
 from tokpost_fast.pipeline import pipeline_stages
 from tokpost_fast.pipeline import main as pipeline_main
 
@@ -66,7 +68,7 @@ def check_no_leak(run, config):
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_end_to_end_and_rerun_skips(tmp_path):
+def test_tiny_pipeline_end_to_end_and_rerun_skips(tmp_path, monkeypatch):
     config = tiny_pipeline_config(tmp_path)
     run = tmp_path / "run"
     args = ["--config", str(config), "--run-dir", str(run), "--launcher", "inprocess", "--extractor", "proxy"]
@@ -102,7 +104,10 @@ def test_tiny_pipeline_end_to_end_and_rerun_skips(tmp_path):
         assert again["stages"][name] == state["stages"][name], name
     first = json.loads((run / "eval" / "arms.json").read_text())
     assert len(list((run / "eval").glob("draws-*.json"))) == 3    # one per checkpoint: the stage resumes from them
+    loaded = []                                                   # every checkpoint is read once per evaluation
+    monkeypatch.setattr(arms, "load_tokenizer", lambda path, *a, **kw: loaded.append(path) or load_tokenizer(path))
     pipeline_main(args + ["--seeds", "1"])                        # other evaluation settings: only evaluate reruns
+    assert sorted(loaded) == sorted(str(run / f"tokenizer{s}.pt") for s in ("", "_control", "_post"))
     third = json.loads((run / "pipeline.json").read_text())
     assert third["stages"]["evaluate"] != state["stages"]["evaluate"]
     assert third["stages"]["post"] == state["stages"]["post"]

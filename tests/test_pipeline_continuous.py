@@ -1,4 +1,4 @@
-"""The continuous demo pipeline end to end at test size (issue 8; all stages in-process, proxy features): a KL
+"""The continuous demo pipeline end to end at test size (all stages in-process, proxy features): a KL
 tokenizer and a DiT, picked from the config alone, through data -> main -> gen -> cache -> post | control ->
 evaluate -> report, with the same three arms and held-out metrics as the VQ pipeline; the perturbed-latent FID
 labelled as our analogue; a mismatched config refused early."""

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from typing import Callable, Iterator
 
@@ -67,6 +68,24 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator:
         raise ValueError(f"atomic_open writes whole files; mode must be 'w' or 'wb', got {mode!r}")
     with _replace_on_success(path) as tmp, open(tmp, mode) as f:
         yield f
+
+
+@contextlib.contextmanager
+def atomic_folder(path: PathLike) -> Iterator[str]:
+    """`with atomic_folder(out) as tmp: ...write files under tmp...`: the folder `out` appears, complete, only when
+    the block ends without error (else the temporary folder is deleted). A folder already at `out` is deleted just
+    before the rename, so a crash in that instant leaves no folder, never a half-written one."""
+    path, parent = _prepare(path)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.", suffix=".tmp", dir=parent)
+    try:
+        yield tmp
+        if os.path.lexists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_folder(parent)
 
 
 def atomic_write_with(path: PathLike, write: Callable[[str], None]) -> None:

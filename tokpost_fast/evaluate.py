@@ -1,4 +1,4 @@
-"""Evaluate a run: rFID, pFID, gFID (each with its KID), IS, precision / recall (SPEC A3, B3).
+"""Evaluate a run: rFID, pFID, gFID (each with its KID), IS, precision / recall (METHOD.md A3, B3).
 
     python -m tokpost_fast.evaluate --run-dir runs/demo [--metrics rfid,pfid,gfid,is,prec,rec] [--num N]
         [--pfid-alpha 1.0 --pfid-delta 100] [--pfid-curve] [--inception-weights pt_inception-2015-12-05-6726825d.pth]
@@ -20,9 +20,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
-from tokpost_fast.metrics.config import DEFAULT_METRICS, METRICS
+from tokpost_fast.config import load_config
+from tokpost_fast.config.eval import DEFAULT_METRICS, METRICS
+from tokpost_fast.metrics.run import evaluate_run
+from tokpost_fast.models.tokenizer.external import load_tokenizer_spec
+from tokpost_fast.report import format_table
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -72,16 +77,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    args = parse_args(argv)
-    from tokpost_fast.metrics.run import evaluate_run
+def image_size_of_run(run_dir, config: Optional[str] = None, default: int = 256) -> int:
+    """data.image_size of the run config (--config, else RUN_DIR/config.yaml), else `default`."""
+    path = config or (Path(run_dir) / "config.yaml")
+    if not Path(path).is_file():
+        return default
+    return load_config(path).data.image_size
 
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Evaluate, write metrics.json, print the table; returns metrics.json's dict."""
+    args = parse_args(argv)
     tokenizer = args.tokenizer
     if tokenizer is not None and tokenizer.startswith(("llamagen:", "sdvae:")):
-        from tokpost_fast.models.tokenizer.external import image_size_of_run, load_tokenizer_spec
-
         tokenizer = load_tokenizer_spec(tokenizer, image_size_of_run(args.run_dir, args.config))
-    return evaluate_run(
+    result = evaluate_run(
         args.run_dir, metrics=args.metrics, num=args.num, num_generated=args.num_generated,
         pfid_alpha=args.pfid_alpha, pfid_delta=args.pfid_delta, pfid_seed=args.pfid_seed, pfid_curve=args.pfid_curve,
         inception_weights=args.inception_weights, tokenizer=tokenizer, generator=args.generator,
@@ -90,6 +100,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         out=args.out, progress=not args.no_progress, pfid_noise=args.pfid_noise, sample_steps=args.sample_steps,
         extractor=args.extractor, feature_precision=args.feature_precision, seeds=args.seeds,
     )
+    print(format_table(result))
+    return result
 
 
 def _cli() -> int:

@@ -1,4 +1,4 @@
-"""Latent perturbation during main training (SPEC A2): the annealing schedule, how many samples of a local batch
+"""Latent perturbation during main training (METHOD.md A2): the annealing schedule, how many samples of a local batch
 are perturbed, and the per-step seed. The operator itself (top-delta resampling with in-kernel Philox draws) is
 tokpost_fast.ops.perturb_codes, reached through the tokenizer's forward(perturb_samples=n).
 
@@ -31,7 +31,7 @@ class PerturbConfig:
     anneal_start: float = 40.0   # epoch s: r = 1 before it
     anneal_end: float = 120.0    # epoch t: r reaches end_ratio here and stays there
     end_ratio: float = 0.5       # r after t
-    ramp: str = "robustok"       # "robustok" (SPEC A2, what the code ran): r = 1 - (e - s) / (t - s) * end_ratio
+    ramp: str = "robustok"       # "robustok" (METHOD.md A2, what the code ran): r = 1 - (e - s) / (t - s) * end_ratio
                                  # on [s, t]; "continuous": r falls linearly from 1 at s to end_ratio at t (the
                                  # two agree at the paper's end_ratio 0.5; otherwise "robustok" jumps at t)
 
@@ -58,7 +58,7 @@ class PerturbParams(NamedTuple):
 def anneal_ratio(epoch: float, start: float, end: float, end_ratio: float, ramp: str = "robustok") -> float:
     """r(e): 1 before `start`, `end_ratio` after `end`, and in between
     - "continuous": linear from 1 at `start` to `end_ratio` at `end`;
-    - "robustok": 1 - (e - s) / (t - s) * end_ratio, as RobustTok's get_random_ratio (SPEC A2 writes it so), whose
+    - "robustok": 1 - (e - s) / (t - s) * end_ratio, as RobustTok's get_random_ratio (METHOD.md A2 writes it so), whose
       ramp ends at 1 - end_ratio: the same as "continuous" at the paper's end_ratio = 0.5, a jump at t otherwise.
     """
     if epoch < start:
@@ -88,7 +88,7 @@ def perturbed_samples(params: PerturbParams, local_batch: int, continuous: bool)
 
 
 def perturbed_count(local_batch: int, beta: float) -> int:
-    """The first floor(B_local * beta) samples of a local batch are perturbed (SPEC A2 step 4). The epsilon keeps
+    """The first floor(B_local * beta) samples of a local batch are perturbed (METHOD.md A2 step 4). The epsilon keeps
     float products such as 10 * 0.3 = 2.9999999999999996 from losing a sample."""
     return int(math.floor(local_batch * beta + 1e-9))
 

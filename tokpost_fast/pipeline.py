@@ -1,4 +1,4 @@
-"""The demo pipeline (SPEC B6): data -> main -> gen -> cache -> post | control -> evaluate -> report.
+"""The demo pipeline (METHOD.md B6): data -> main -> gen -> cache -> post | control -> evaluate -> report.
 
     python -m tokpost_fast.pipeline --config configs/demo.yaml --run-dir runs/demo [--data DIR] [--ranks 2]
         [--launcher deepspeed|python|inprocess] [--set key=value ...] [--seeds N] [--post-seeds M]
@@ -10,7 +10,7 @@ one 2-thread process); `--launcher python` runs them as one plain process each, 
 (tests). Every training stage reads the train split of the data only (data/folder.py); every metric is measured
 on the held-out split.
 
-Three arms from the same main-stage tokenizer and generator (SPEC A5):
+Three arms from the same main-stage tokenizer and generator (METHOD.md A5):
     main      RUN/tokenizer.pt, as the main stage left it;
     control   RUN/tokenizer_control.pt: the decoder post-trained with the post recipe and steps on the CLEAN grids
               of the cached images (post.grids=clean: sigma = 1, "just more decoder training");
@@ -36,19 +36,31 @@ config is refused (use a new --run-dir, or --fresh to delete the old one).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import resource
 import shutil
-import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
 from tokpost_fast.atomic import atomic_write_json
+from tokpost_fast.config import dump_config, load_config, to_dict
+from tokpost_fast.data import ImageFolderDataset
+from tokpost_fast.data.embedded import build_embedded
+from tokpost_fast.metrics.arms import evaluate_arms
+from tokpost_fast.metrics.effects import effects
+from tokpost_fast.report import write_report
+from tokpost_fast.train import main as train_main
+from tokpost_fast.training.engine import free_port
 
 log = logging.getLogger("tokpost_fast.pipeline")
 
@@ -67,7 +79,7 @@ GENERATOR_OF = {"vq": "ar", "continuous": "dit"}    # pipeline kind -> the gen.g
 def pipeline_kind(cfg) -> str:
     """"continuous" for a KL tokenizer (with a DiT), "vq" otherwise (with the AR generator); a config that pairs a
     tokenizer with the other kind's generator is an error naming both fields."""
-    kind = "continuous" if cfg.tokenizer.arch == "kl_cnn" else "vq"
+    kind = "continuous" if cfg.tokenizer.is_continuous else "vq"
     if cfg.gen.generator != GENERATOR_OF[kind]:
         raise SystemExit(f"pipeline: tokenizer.arch={cfg.tokenizer.arch!r} is a {kind} tokenizer, which needs "
                          f"gen.generator: {GENERATOR_OF[kind]} (the config has {cfg.gen.generator!r}); see "
@@ -108,19 +120,11 @@ class PipelineState:
 
 def cpu_seconds() -> float:
     """User + system CPU time of this process and of its finished children."""
-    import resource
-
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 # --- stages -------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def child_env(threads: int) -> dict:
     """The environment of a stage process: no inherited rank variables, this repo importable, `threads` intra-op
     threads per rank."""
@@ -160,15 +164,13 @@ def run_training_stage(stage: str, config: Path, run_dir: Path, launcher: str, r
     args = ["--stage", stage, "--config", str(config), "--run-dir", str(run_dir)] + (["--resume"] if resume else [])
     args += [item for value in overrides for item in ("--set", value)]
     if launcher == "inprocess":
-        from tokpost_fast.train import main as train_main
-
         train_main(args)
         return
     train_py = str(REPO_ROOT / "tokpost_fast" / "train.py")
     if launcher == "deepspeed":
         deepspeed = Path(sys.executable).with_name("deepspeed")
         cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed", "--num_gpus", str(ranks),
-               "--master_port", str(_free_port()), train_py, *args]
+               "--master_port", str(free_port()), train_py, *args]
     else:
         cmd = [sys.executable, train_py, *args]
     threads = max(1, (os.cpu_count() or 1) // (ranks if launcher == "deepspeed" else 1))
@@ -184,8 +186,6 @@ def ensure_data(root: Path) -> dict:
     if root.name != "embedded":
         raise SystemExit(f"pipeline: image folder {root} does not exist (only the embedded set, data/embedded, is "
                          "built on demand)")
-    from tokpost_fast.data.embedded import build_embedded
-
     manifest = build_embedded(str(root))
     return {"root": str(root), "built": True, "images": manifest["num_images"]}
 
@@ -193,10 +193,6 @@ def ensure_data(root: Path) -> dict:
 def heldout_images(cfg, total: Optional[int]):
     """(images [N, 3, S, S] in [-1, 1], labels [N], split record) of the held-out split: `total` images (None: all)
     spread evenly over the classes, and evenly within each class."""
-    import torch
-
-    from tokpost_fast.data import ImageFolderDataset
-
     dataset = ImageFolderDataset(cfg.data, train=False, seed=0, epoch=0, split="val")
     by_class: dict[int, list[int]] = {}
     for index, (_, label) in enumerate(dataset.samples):
@@ -216,13 +212,6 @@ def heldout_images(cfg, total: Optional[int]):
 
 def run_evaluate(cfg, run_dir: Path, settings: dict, progress: bool = True) -> dict:
     """metrics/arms.py on every arm's checkpoints -> RUN/eval/arms.json; returns its summary of the effect."""
-    import dataclasses
-
-    import torch
-
-    from tokpost_fast.metrics.arms import evaluate_arms
-    from tokpost_fast.metrics.effects import effects
-
     # Inception convolutions use both cores; the generator's sampler sets itself to one (metrics/arms.py)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     eval_cfg = dataclasses.replace(cfg.eval, extractor=settings["extractor"])
@@ -270,8 +259,6 @@ class LoadSampler:
     own processes (2 ranks on 2 cores: ~2), anything above the core count is other work slowing it down."""
 
     def __init__(self, every: float = 5.0):
-        import threading
-
         self.every, self.samples, self.stop = every, [os.getloadavg()[0]], threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -294,10 +281,6 @@ class LoadSampler:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    import torch
-
-    from tokpost_fast.config import dump_config, load_config, to_dict
-
     args = parse_args(argv)
     run_dir = Path(args.run_dir).resolve()
     ranks = args.ranks or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
@@ -346,8 +329,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             elif name == "evaluate":
                 extra = {"effects": run_evaluate(cfg, run_dir, eval_settings), "settings": eval_settings}
             else:
-                from tokpost_fast.pipeline_report import write_report
-
                 results = write_report(run_dir, cfg, state.timing(), ranks=ranks, launcher=args.launcher,
                                        cores=os.cpu_count(), post_seeds=args.post_seeds)
         # CPU seconds (this process and its stage processes) and the load average tell a slow stage on a busy

@@ -1,4 +1,4 @@
-"""The one entry point of every training stage (SPEC B3).
+"""The one entry point of every training stage (METHOD.md B3).
 
     deepspeed [--num_gpus N] tokpost_fast/train.py --stage main --config configs/demo.yaml --run-dir runs/demo \
         [--set train.lr=1e-4 --set perturb.beta=0.2 ...] [--resume] [--max-steps N] [--data-backend auto|dali|torch]
@@ -25,9 +25,19 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+import torch.distributed as dist
+
+from tokpost_fast.atomic import file_sha256
 from tokpost_fast.config import ConfigError, load_config
+from tokpost_fast.data.folder import scan_image_folder
+from tokpost_fast.models.tokenizer import save_tokenizer
+from tokpost_fast.models.tokenizer.external import TOKENIZER_FILE, load_tokenizer_spec, parse_spec
 from tokpost_fast.stages import SECTIONS, STAGES, StageNotImplemented, get_stage
-from tokpost_fast.training.engine import NonFiniteLossError
+from tokpost_fast.training.engine import (NonFiniteLossError, barrier, broadcast_object, init_distributed,
+                                          launcher_world_size)
+
+log = logging.getLogger("tokpost_fast.train")
 
 DATA_BACKENDS = ("auto", "dali", "torch")
 
@@ -82,27 +92,57 @@ def overrides(args: argparse.Namespace) -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Parse, check, then run the stage. Callable in-process (tests): the process group is reused if present."""
     args = parse_args(argv)
-    from tokpost_fast.training.engine import init_distributed, launcher_world_size
-
     cfg = load_config(args.config, overrides(args), world_size=launcher_world_size(), stage=args.stage)
     run = get_stage(args.stage)
     check_image_folder(cfg)
     init_distributed()
     if args.tokenizer is not None:
-        from tokpost_fast.models.tokenizer.external import install_tokenizer
-
         install_tokenizer(args.tokenizer, Path(args.run_dir), cfg, args.stage)
     return run(cfg, Path(args.run_dir), resume=args.resume)
 
 
 def check_image_folder(cfg) -> None:
     """Every stage reads the ImageFolder: a missing or empty one is a one-line error before any work starts."""
-    from tokpost_fast.data.folder import scan_image_folder
-
     try:
         scan_image_folder(cfg.data.root)
     except ValueError as e:
         raise ConfigError(f"data.root: {e}") from None
+
+
+def install_tokenizer(spec: str, run_dir: Path, cfg, stage: str) -> Path:
+    """--tokenizer SPEC (models/tokenizer/external.py). Collective: rank 0 writes RUN_DIR/tokenizer.pt from SPEC
+    unless it already holds that import; every rank returns its path. Refuses for stage main (which trains its own
+    tokenizer) and over a tokenizer.pt of another origin."""
+    if stage == "main":
+        raise ConfigError("--tokenizer is for the stages after main (gen, cache, post); main trains its own "
+                         "tokenizer")
+    info = init_distributed()
+    target = Path(run_dir) / TOKENIZER_FILE
+    error = None
+    if info.is_main:
+        try:
+            kind, path = parse_spec(spec)
+            source = {"kind": kind, "path": str(path.resolve()), "sha256": file_sha256(path)}
+            if target.is_file():
+                existing = torch.load(target, map_location="cpu", weights_only=True).get("imported_from")
+                if existing is None or existing["sha256"] != source["sha256"] or existing["kind"] != kind:
+                    raise ValueError(f"{target} exists and is not an import of {spec} (it records "
+                                     f"{existing or 'no import: a trained tokenizer'}); use a fresh --run-dir")
+            else:
+                model = load_tokenizer_spec(spec, image_size=cfg.data.image_size)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                save_tokenizer(model, str(target), extra={"imported_from": source, "weights": "imported"})
+                size = (f"{model.latent_channels} latent channels" if model.is_continuous
+                        else f"K={model.codebook_size}")
+                log.info("imported %s tokenizer %s into %s (%s, %dx%d grid)", kind, path, target, size,
+                         model.grid_size, model.grid_size)
+        except (ValueError, FileNotFoundError) as err:
+            error = f"{type(err).__name__}: {err}"
+    error = broadcast_object(error)
+    barrier()
+    if error is not None:                              # _cli prints a ConfigError as one line
+        raise ConfigError(f"--tokenizer {spec}: {error}")
+    return target
 
 
 def _cli() -> int:
@@ -118,8 +158,6 @@ def _cli() -> int:
         print(f"train.py: stopped: {e}", file=sys.stderr)
         return 3
     finally:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0

@@ -1,6 +1,6 @@
 """Kernel tests run on the CPU through the Triton interpreter when no CUDA GPU is present.
 
-No __init__.py here on purpose: a package named `kernels` would shadow the PyPI module of that name (SPEC B1).
+No __init__.py here on purpose: a package named `kernels` would shadow the PyPI module of that name (METHOD.md B1).
 """
 
 import os

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from tokpost_fast.checks import build_section
 from tokpost_fast.losses import (DiffAugment, LeCamEMA, LossConfig, TokenizerLoss, adaptive_gan_weight, hinge_d_loss,
                                  hinge_g_loss)
 from tokpost_fast.models.tokenizer import TokenizerConfig, build_discriminator, build_tokenizer
@@ -132,6 +133,6 @@ def test_tokenizer_loss_generator_and_discriminator_steps():
 def test_loss_config_checks():
     with pytest.raises(ValueError, match="diffaug_policy"):
         LossConfig(diffaug_policy="translation,zoom")
-    with pytest.raises(ValueError, match="unknown LossConfig keys"):
-        LossConfig.from_dict({"gan": 0.5, "gan_weight": 1})
+    with pytest.raises(ValueError, match="loss: unknown key 'gan_weight'; did you mean adaptive_gan_weight"):
+        build_section(LossConfig, {"gan": 0.5, "gan_weight": 1}, "loss")
     assert not math.isnan(LossConfig().lecam)

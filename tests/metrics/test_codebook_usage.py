@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from tokpost_fast.metrics.codebook_usage import cache_usage, plot_usage, read_log, usage_series, usage_stats
-from tokpost_fast.data.token_cache import (FORMAT, INDEX, LATENT_FORMAT, CacheRows, LatentRows, file_sha256,
-                                             shard_name, write_json_atomic, write_latent_shard, write_shard)
+from tokpost_fast.atomic import file_sha256
+from tokpost_fast.data.token_cache import (FORMAT, INDEX, LATENT_FORMAT, CacheRows, LatentRows, shard_name,
+                                             write_json_atomic, write_latent_shard, write_shard)
 
 
 def test_usage_stats_of_a_known_grid():

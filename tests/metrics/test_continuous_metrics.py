@@ -1,4 +1,4 @@
-"""Metrics of a continuous (KL) tokenizer + DiT (issue 8): rFID through encode_latent -> decode, the perturbed-
+"""Metrics of a continuous (KL) tokenizer + DiT: rFID through encode_latent -> decode, the perturbed-
 latent FID (our analogue of pFID) with its settings in metrics.json, gFID of class-balanced sample_dit draws
 decoded as decode(x0 / scaling_factor), and the refusal of a DiT that does not belong to the tokenizer."""
 
@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tokpost_fast.metrics import DiTSampling, LatentNoise, build_extractor, decode_features, evaluate_run
+from tokpost_fast.report import format_table
 from tokpost_fast.metrics.generation import generated_features
 from tokpost_fast.metrics.pfid import CLEAN, Perturbation
 
@@ -68,7 +69,7 @@ def kl_run(tmp_path_factory, kl_tokenizer):
     does."""
     from tokpost_fast.models.generator import save_generator
     from tokpost_fast.models.tokenizer import save_tokenizer
-    from tokpost_fast.sample import file_sha256
+    from tokpost_fast.atomic import file_sha256
 
     folder = tmp_path_factory.mktemp("kl_run")
     save_tokenizer(kl_tokenizer, str(folder / "tokenizer.pt"))
@@ -127,10 +128,10 @@ def test_gfid_samples_are_class_balanced_seeded_and_unscaled(kl_tokenizer, proxy
         generated_features(kl_tokenizer, dit, 2, extractor, info, sampling=object(), batch_size=2)
 
 
-def test_metrics_json_of_a_continuous_run(kl_run, photos, capsys):
+def test_metrics_json_of_a_continuous_run(kl_run, photos):
     result = evaluate_run(kl_run, metrics="rfid,pfid,gfid,is", images=photos[:32], num_generated=12, batch_size=8,
                           sample_steps=3, cfg_scale=1.5, pfid_curve=True, progress=False, extractor="proxy")
-    table = capsys.readouterr().out
+    table = format_table(result)
     assert json.loads((kl_run / "metrics.json").read_text()) == result
     values = result["values"]
     assert set(values) == {f"{m}{k}_proxy" for m in ("rfid", "pfid", "gfid") for k in ("", "_kid", "_kid_std")} | {
@@ -156,7 +157,7 @@ def test_metrics_json_of_a_continuous_run(kl_run, photos, capsys):
 
 
 def test_pfid_flags_of_the_other_kind_are_refused(kl_run, photos):
-    kwargs = dict(metrics="pfid", images=photos[:8], progress=False, print_table=False, out=kl_run / "x.json",
+    kwargs = dict(metrics="pfid", images=photos[:8], progress=False, out=kl_run / "x.json",
                   extractor="proxy")
     with pytest.raises(ValueError, match="--pfid-delta: the tokenizer is continuous; its pFID takes --pfid-noise"):
         evaluate_run(kl_run, pfid_delta=10, **kwargs)
@@ -178,13 +179,13 @@ def test_a_dit_of_another_tokenizer_is_refused(tmp_path, kl_tokenizer, photos):
     a post-trained export of the right tokenizer is accepted."""
     from tokpost_fast.models.generator import GeneratorConfig, build_generator, save_generator
     from tokpost_fast.models.tokenizer import save_tokenizer
-    from tokpost_fast.sample import file_sha256
+    from tokpost_fast.atomic import file_sha256
 
     save_tokenizer(kl_tokenizer, str(tmp_path / "tokenizer.pt"))
     dit = tiny_dit()
     save_generator(dit, tmp_path / "generator.pt", extra={"tokenizer_hash": "0" * 64})
     kwargs = dict(metrics="gfid", images=photos[:8], num_generated=4, batch_size=4, sample_steps=2, progress=False,
-                  print_table=False, extractor="proxy")
+                  extractor="proxy")
     with pytest.raises(ValueError, match="is not the tokenizer this generator was trained on"):
         evaluate_run(tmp_path, **kwargs)
     with pytest.raises(ValueError, match=r"DiT \(3-channel 8x8 latents\) does not match the tokenizer "

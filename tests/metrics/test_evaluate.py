@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tokpost_fast.metrics import evaluate_run
+from tokpost_fast.report import format_table
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +25,10 @@ def run_dir(tmp_path_factory, trained_tokenizer):
     return folder
 
 
-def test_metrics_json_and_cache(run_dir, photos, capsys):
+def test_metrics_json_and_cache(run_dir, photos):
     kwargs = dict(images=photos[:40], num=32, progress=False, pfid_delta=10, extractor="proxy")
     first = evaluate_run(run_dir, metrics="rfid,pfid", generator=False, **kwargs)
-    table = capsys.readouterr().out
+    table = format_table(first)
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved == first
     assert set(first["values"]) == {f"{m}{k}_proxy" for m in ("rfid", "pfid") for k in ("", "_kid", "_kid_std")}
@@ -40,17 +41,17 @@ def test_metrics_json_and_cache(run_dir, photos, capsys):
     assert "(PROXY)" in table and "rFID (proxy)" in table and "pFID (proxy) [alpha=1, delta=10]" in table
     assert not first["real_stats"]["cached"]
 
-    again = evaluate_run(run_dir, metrics="rfid", generator=False, print_table=False, **kwargs)
+    again = evaluate_run(run_dir, metrics="rfid", generator=False, **kwargs)
     assert again["real_stats"]["cached"] and again["real_stats"]["path"] == first["real_stats"]["path"]
     assert again["values"]["rfid_proxy"] == first["values"]["rfid_proxy"]
-    other = evaluate_run(run_dir, metrics="rfid", generator=False, print_table=False,
+    other = evaluate_run(run_dir, metrics="rfid", generator=False,
                          **{**kwargs, "images": photos[40:80]})
     assert not other["real_stats"]["cached"]  # another dataset, another fingerprint
 
 
 def test_generative_metrics(run_dir, photos):
     result = evaluate_run(run_dir, metrics="gfid,is,prec,rec,kid", images=photos[:16], num_generated=12,
-                          batch_size=8, out=run_dir / "gen.json", progress=False, print_table=False,
+                          batch_size=8, out=run_dir / "gen.json", progress=False,
                           extractor="proxy")
     values = result["values"]
     assert set(values) == {"gfid_proxy", "gfid_kid_proxy", "gfid_kid_std_proxy", "is_proxy", "is_std_proxy",
@@ -63,12 +64,12 @@ def test_generative_metrics(run_dir, photos):
     assert result["settings"]["generation"]["class_balanced"]
 
 
-def test_missing_generator_is_skipped_with_a_message(tmp_path, trained_tokenizer, photos, capsys):
+def test_missing_generator_is_skipped_with_a_message(tmp_path, trained_tokenizer, photos):
     result = evaluate_run(tmp_path, metrics="rfid,gfid,is", tokenizer=trained_tokenizer, images=photos[:8],
                           progress=False, extractor="proxy")
     assert set(result["values"]) == {"rfid_proxy", "rfid_kid_proxy", "rfid_kid_std_proxy"}
     assert result["skipped"]["gfid"].startswith("no generator checkpoint at") and "is" in result["skipped"]
-    table = capsys.readouterr().out
+    table = format_table(result)
     assert re.search(r"\ngFID, IS \(proxy\) +skipped: no generator checkpoint", table), table
     assert re.search(r"\nrFID KID \(proxy\) +\d", table)
     assert re.search(r"\nrFID KID std \(subsets\) \(proxy\) +\d", table)
@@ -83,7 +84,7 @@ def test_missing_generator_is_skipped_with_a_message(tmp_path, trained_tokenizer
     ("delta", r"--pfid-delta must be an integer in \[1, K=64\], got 65"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, trained_tokenizer, photos, case, match):
-    kwargs = dict(tokenizer=trained_tokenizer, images=photos[:8], metrics="rfid", progress=False, print_table=False,
+    kwargs = dict(tokenizer=trained_tokenizer, images=photos[:8], metrics="rfid", progress=False,
                   extractor="proxy")
     if case == "one image":
         kwargs["images"] = photos[:1]
@@ -138,14 +139,14 @@ def test_generator_of_another_tokenizer_is_refused(tmp_path, trained_tokenizer, 
     accepts a post-trained export of the right one (its file records the tokenizer it came from)."""
     from tokpost_fast.models.generator import GeneratorConfig, build_generator, save_generator
     from tokpost_fast.models.tokenizer import save_tokenizer
-    from tokpost_fast.sample import file_sha256
+    from tokpost_fast.atomic import file_sha256
 
     save_tokenizer(trained_tokenizer, str(tmp_path / "tokenizer.pt"))
     gpt = build_generator(GeneratorConfig(vocab_size=64, seq_len=64, num_classes=3, width=32, depth=1, heads=2,
                                           mlp_ratio=2.0, attn_backend="sdpa"))
     save_generator(gpt, tmp_path / "generator.pt", extra={"tokenizer_hash": "0" * 64})
     kwargs = dict(metrics="gfid", images=photos[:8], num_generated=4, batch_size=4, progress=False,
-                  print_table=False, extractor="proxy")
+                  extractor="proxy")
     with pytest.raises(ValueError, match="is not the tokenizer this generator was trained on"):
         evaluate_run(tmp_path, **kwargs)
 

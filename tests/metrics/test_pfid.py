@@ -1,4 +1,4 @@
-"""rFID / pFID decodes (SPEC A3): alpha = 0 is rFID exactly, the perturbation is batch-split independent, and on a
+"""rFID / pFID decodes (METHOD.md A3): alpha = 0 is rFID exactly, the perturbation is batch-split independent, and on a
 briefly trained tokenizer pFID grows with alpha."""
 
 import json
@@ -41,7 +41,7 @@ def test_pfid_at_alpha_zero_is_rfid(trained_tokenizer, photos, proxy, tmp_path):
     rfid, _ = decode_features(trained_tokenizer, photos[:24], extractor, info, [CLEAN], seed=7)
     assert torch.equal(pfid0[Perturbation(0.0, 64)]["pool"], rfid[CLEAN]["pool"])
     result = evaluate_run(tmp_path, metrics="rfid,pfid", pfid_alpha=0.0, tokenizer=trained_tokenizer,
-                          images=photos[:24], progress=False, print_table=False, extractor="proxy")
+                          images=photos[:24], progress=False, extractor="proxy")
     assert result["values"]["pfid_proxy"] == result["values"]["rfid_proxy"]
 
 

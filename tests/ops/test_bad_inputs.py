@@ -1,4 +1,4 @@
-"""Every bad input of SPEC B2 is a ValueError that names the argument."""
+"""Every bad input of METHOD.md B2 is a ValueError that names the argument."""
 
 import pytest
 import torch

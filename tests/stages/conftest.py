@@ -1,7 +1,6 @@
 """Shared helpers of the stage tests: a tiny ImageFolder, a tiny main-stage config, and launching train.py."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+
+from tokpost_fast.training.engine import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,12 +64,6 @@ def tiny_image_folder(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("main_data") / "images")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -79,9 +74,14 @@ def launch_env() -> dict:
 def run_deepspeed(args: list, num_gpus: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N tokpost_fast/train.py ARGS` with the venv's launcher (CPU: gloo ranks)."""
     launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", str(num_gpus), "--master_port", str(free_port()),
+    port = free_port()
+    cmd = [str(launcher), "--num_gpus", str(num_gpus), "--master_port", str(port),
            str(REPO / "tokpost_fast" / "train.py"), *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    # DeepSpeed's CPU all-reduce leaves one /dev/shm workspace per rank unless the engine releases it
+    leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert done.returncode != 0 or not leaked, f"/dev/shm buffers left behind: {[p.name for p in leaked]}"
+    return done
 
 
 

@@ -1,4 +1,4 @@
-"""Issue 7 item 2 at the level a user meets it: `train.py --stage main` on an ImageFolder with a truncated PNG and
+"""Bad data at the level a user meets it: `train.py --stage main` on an ImageFolder with a truncated PNG and
 a text file named .jpg trains, warns naming each file, and reports the count at the end; with
 --on-bad-image error it stops naming the file; an empty folder is a one-line error before any training."""
 

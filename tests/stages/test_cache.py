@@ -1,4 +1,4 @@
-"""Stage `cache` (SPEC A5.1, B5): shard contents, byte-identical resume after an interruption, the generator /
+"""Stage `cache` (METHOD.md A5.1, B5): shard contents, byte-identical resume after an interruption, the generator /
 tokenizer hash check, and the checks `post` runs on a cache (tampered shard, other settings)."""
 
 import json
@@ -10,8 +10,8 @@ import torch
 from tests.stages.tiny_run import CACHE, build_tiny_run, copy_run
 from tokpost_fast.config import load_config
 from tokpost_fast.models.tokenizer import load_tokenizer
-from tokpost_fast.data.token_cache import (INDEX, CacheMismatch, file_sha256, read_shard, shard_name,
-                                             verify_cache)
+from tokpost_fast.atomic import file_sha256
+from tokpost_fast.data.token_cache import INDEX, CacheMismatch, read_shard, shard_name, verify_cache
 from tokpost_fast.train import main as train_main
 
 SHARDS = 3          # 20 images, 8 rows per shard

@@ -52,7 +52,7 @@ def _worker(out_dir: Path) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from tokpost_fast.models.tokenizer.quantizer import DeadCodeTracker, VectorQuantizer
-    from tokpost_fast.training.engine import build_engine, deepspeed_config, init_distributed
+    from tokpost_fast.training.engine import adamw, build_engine, deepspeed_config, init_distributed
 
     class Toy(torch.nn.Module):
         def __init__(self):
@@ -68,7 +68,8 @@ def _worker(out_dir: Path) -> None:
     torch.manual_seed(0)
     model = Toy()
     ds_cfg = deepspeed_config("configs/deepspeed/zero2.json", 2, info.world_size, zero_stage=2, grad_clip=1.0)
-    engine, optimizer = build_engine(model, model.parameters(), 1e-2, (0.9, 0.95), 0.0, ds_cfg)
+    optimizer = adamw(model.parameters(), 1e-2, (0.9, 0.95), 0.0)
+    engine = build_engine(model, optimizer, ds_cfg)
     gen = torch.Generator().manual_seed(100 + info.rank)
     for _ in range(3):
         loss = engine(torch.randn(2, 8, 4, 4, generator=gen))

@@ -1,4 +1,4 @@
-"""Issue 8 through the stages: a continuous (KL) tokenizer, `--stage gen --generator dit` (latent extraction with
+"""The continuous pipeline through the stages: a continuous (KL) tokenizer, `--stage gen --generator dit` (latent extraction with
 flips, rectified-flow training on DeepSpeed, exact resume, export, the sample CLI), the latent post-training cache
 (fp16 shards, checksums, post_strength, byte-identical resume) and a 2-rank `post` that changes only the decoder.
 
@@ -21,8 +21,9 @@ from tokpost_fast.models.tokenizer import TokenizerConfig, build_tokenizer, load
 from tokpost_fast.sample import main as sample_main
 from tokpost_fast.stages.cache import image_seed
 from tokpost_fast.training.checkpoint import latest_checkpoint
-from tokpost_fast.data.token_cache import (INDEX, LATENT_FORMAT, CacheMismatch, LatentRows, file_sha256,
-                                             read_shard, shard_name, verify_cache)
+from tokpost_fast.atomic import file_sha256
+from tokpost_fast.data.token_cache import (INDEX, LATENT_FORMAT, CacheMismatch, LatentRows, read_shard, shard_name,
+                                             verify_cache)
 from tokpost_fast.train import main as train_main
 
 # 32x32 -> 8x8 latents of 4 channels (two 2x downsamples); a scaling factor that is no power of 2, so a

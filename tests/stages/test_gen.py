@@ -4,7 +4,6 @@ RAR's randomized order cut mid-anneal (whose generator then feeds the cache stag
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,9 +17,10 @@ from tokpost_fast.config import load_config
 from tokpost_fast.data import build_loader
 from tokpost_fast.models.generator import load_generator
 from tokpost_fast.models.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, tokenizer_config
-from tokpost_fast.sample import file_sha256
+from tokpost_fast.atomic import file_sha256
 from tokpost_fast.sample import main as sample_main
-from tokpost_fast.training.engine import DistInfo
+from tokpost_fast.training.checkpoint import latest_checkpoint
+from tokpost_fast.training.engine import DistInfo, NonFiniteLossError, free_port
 from tokpost_fast.stages.gen import extract_tokens
 from tokpost_fast.config.gen import GenStageConfig
 
@@ -112,6 +112,7 @@ def test_extract_tokens_encodes_images_and_flips_and_caches(setup):
     digest = file_sha256(run / "tokenizer.pt")
     cache = extract_tokens(cfg, run, tokenizer, digest, info, "fp32")
     assert cache["tokens"].shape == (18, 2, 4, 4) and cache["num_classes"] == 3 and cache["tokenizer_hash"] == digest
+    assert cache["tokens"].dtype == torch.uint16         # the token cache's rule: data/token_cache.token_dtype
     images, labels, indices = next(iter(build_loader(cfg.data, train=False)))[:3]
     with torch.no_grad():
         assert torch.equal(cache["tokens"][indices, 0].long(), tokenizer.encode(images))
@@ -122,19 +123,17 @@ def test_extract_tokens_encodes_images_and_flips_and_caches(setup):
     stamp = path.stat().st_mtime_ns
     extract_tokens(cfg, run, tokenizer, digest, info, "fp32")
     assert path.stat().st_mtime_ns == stamp                                    # same tokenizer: reused
+    # tokens.pt of an earlier version stored int16 ids: still reused, holding the same numbers
+    torch.save({**cache, "tokens": cache["tokens"].to(torch.int32).to(torch.int16)}, path)
+    legacy = extract_tokens(cfg, run, tokenizer, digest, info, "fp32")
+    assert legacy["tokens"].dtype == torch.int16 and torch.equal(legacy["tokens"].long(), cache["tokens"].long())
     other = extract_tokens(cfg, run, tokenizer, "another-tokenizer", info, "fp32")
     assert other["tokenizer_hash"] == "another-tokenizer" and path.stat().st_mtime_ns != stamp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(run: Path, config: Path, *extra: str) -> None:
     launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), "tokpost_fast/train.py",
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "tokpost_fast/train.py",
            "--stage", "gen", "--config", str(config), "--run-dir", str(run), *extra]
     # one intra-op thread per rank: two ranks share the two cores of the CI machine
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -205,3 +204,24 @@ def test_rar_order_resumes_mid_anneal_to_the_straight_run_and_feeds_the_cache(se
     assert rows.tokens.shape == (index["num_rows"], 4, 4) and index["num_rows"] > 0
     assert 0 < rows.keep_mask.float().mean() < 1
     assert torch.equal(rows.tokens[rows.keep_mask], rows.gt_tokens[rows.keep_mask])
+
+
+@pytest.mark.slow
+def test_diverged_run_stops_logs_nan_skipped_and_keeps_the_last_good_checkpoint(setup, tmp_path):
+    """gen.lr 1e30: the first update blows the weights up and the next three losses are non-finite. The run stops
+    (NonFiniteLossError), the rows carry `nan_skipped` (the README's key), the last row is a "stopped" event, and no
+    checkpoint is written inside the streak: step 1 stays the newest, the last good state."""
+    from tokpost_fast.train import main as train_main
+
+    config = write_config(tmp_path / "cfg.yaml", setup / "data")
+    run = new_run(setup, "diverged")
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+        train_main(["--stage", "gen", "--config", str(config), "--run-dir", str(run), "--set", "gen.lr=1e30",
+                    "--set", "gen.min_lr=1e30", "--set", "gen.warmup_epochs=0", "--set", "gen.max_bad_steps=3",
+                    "--set", "gen.ckpt_interval=1"])
+    assert latest_checkpoint(run / "gen").name == "step-00000001"
+    assert not (run / "generator.pt").exists()
+    rows = [json.loads(line) for line in (run / "gen" / "log.jsonl").read_text().splitlines()]
+    assert [r["nan_skipped"] for r in rows if "lr" in r] == [0, 1, 2]     # one row per step
+    assert all("skipped" not in r for r in rows)
+    assert rows[-1]["event"].startswith("stopped: 3 non-finite losses") and rows[-1]["nan_skipped"] == 3

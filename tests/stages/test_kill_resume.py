@@ -1,4 +1,4 @@
-"""Issue 7: every stage survives `kill -9` at a random point. A stage runs as its own process, is SIGKILLed once its
+"""Every stage survives `kill -9` at a random point. A stage runs as its own process, is SIGKILLed once its
 log (or cache) reaches a seeded random point, and is re-run with --resume: it must continue from the newest
 complete checkpoint (never a half-written or damaged one) and, for the cache, end with the bytes of a clean run.
 

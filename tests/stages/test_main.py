@@ -1,4 +1,4 @@
-"""Stage `main` (SPEC A1 + A2): the perturbation schedule and batch split, exact resume, and a 2-rank DeepSpeed
+"""Stage `main` (METHOD.md A1 + A2): the perturbation schedule and batch split, exact resume, and a 2-rank DeepSpeed
 ZeRO-2 run on the CPU (gloo) that ends with a checkpoint and an exported tokenizer."""
 
 import json
@@ -38,7 +38,7 @@ def test_anneal_ratio_other_end_ratio_is_continuous_at_t():
 def test_anneal_ratio_robustok_ramp_follows_the_original_code(epoch, ratio):
     # RobustTok's get_random_ratio: 1 - (e - s)/(t - s) * end_ratio on [s, t], end_ratio after t
     assert anneal_ratio(epoch, 40, 120, 0.2, ramp="robustok") == pytest.approx(ratio)
-    assert anneal_ratio(epoch, 40, 120, 0.2) == pytest.approx(ratio)  # the default follows SPEC A2
+    assert anneal_ratio(epoch, 40, 120, 0.2) == pytest.approx(ratio)  # the default follows METHOD.md A2
     assert anneal_ratio(epoch, 40, 120, 0.5, ramp="robustok") == pytest.approx(anneal_ratio(epoch, 40, 120, 0.5, ramp="continuous"))
 
 
@@ -209,14 +209,15 @@ def test_diverged_run_stops_and_keeps_the_last_good_checkpoint(tiny_image_folder
 
 
 def test_codebook_usage_over_a_window():
-    from tokpost_fast.training.run_log import CodebookUsage
+    from tokpost_fast.training.codebook import CodebookUsage
 
     usage = CodebookUsage(codebook_size=8, window=2)
-    usage.add(torch.tensor([0, 0, 1, 1]))
-    assert usage.summary(torch.device("cpu")) == {"codebook/used": 0.25, "codebook/perplexity": pytest.approx(2.0)}
-    usage.add(torch.tensor([2, 3]))
-    usage.add(torch.tensor([2, 3, 4, 5]))              # the first step leaves the window
-    s = usage.summary(torch.device("cpu"))
+    counts = lambda codes: torch.bincount(torch.tensor(codes), minlength=8)
+    usage.add(counts([0, 0, 1, 1]))
+    assert usage.summary() == {"codebook/used": 0.25, "codebook/perplexity": pytest.approx(2.0)}
+    usage.add(counts([2, 3]))
+    usage.add(counts([2, 3, 4, 5]))                    # the first step leaves the window
+    s = usage.summary()
     assert s["codebook/used"] == 0.5                   # codes 2, 3, 4, 5
     p = [1 / 3, 1 / 3, 1 / 6, 1 / 6]
     assert s["codebook/perplexity"] == pytest.approx(math.exp(-sum(q * math.log(q) for q in p)))

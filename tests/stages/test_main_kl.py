@@ -1,5 +1,5 @@
 """Stage `main` with a continuous (KL) tokenizer: the loss (reconstruction + GAN + kl * KL, no codebook terms), the
-Gaussian perturbation schedule (our analogue of SPEC A2), and short `python train.py --stage main` runs that export
+Gaussian perturbation schedule (our analogue of METHOD.md A2), and short `python train.py --stage main` runs that export
 a loadable continuous tokenizer.pt with a measured scaling_factor and resume exactly."""
 
 import json

@@ -1,4 +1,4 @@
-"""Stage `post` (SPEC A5.2): a 2-rank DeepSpeed ZeRO-2 run on the CPU from a tiny cache that ends with
+"""Stage `post` (METHOD.md A5.2): a 2-rank DeepSpeed ZeRO-2 run on the CPU from a tiny cache that ends with
 tokenizer_post.pt (encoder and codebook bit-equal to tokenizer.pt, decoder changed); the re-encode variant; and an
 off-the-shelf tokenizer in LlamaGen's layout (--tokenizer llamagen:PATH) through gen, cache, post and evaluate."""
 
@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from tests.stages.conftest import run_deepspeed
-from tests.stages.tiny_run import build_tiny_run
+from tests.stages.tiny_run import build_tiny_run, copy_run
 from tokpost_fast.config import ConfigError
 from tokpost_fast.models.tokenizer import TokenizerConfig, build_tokenizer, load_tokenizer
 from tokpost_fast.training.checkpoint import latest_checkpoint
-from tokpost_fast.data.token_cache import INDEX, file_sha256, shard_name
+from tokpost_fast.atomic import file_sha256
+from tokpost_fast.data.token_cache import INDEX, shard_name
 from tokpost_fast.train import main as train_main
+from tokpost_fast.training.engine import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[2]
 LLAMAGEN_KEYS = REPO / "tests" / "models" / "tokenizer" / "llamagen_state_keys.json"
@@ -181,3 +183,19 @@ def test_llamagen_checkpoint_runs_gen_cache_post_and_evaluate(tmp_path):
         train_main(["--stage", "cache", "--config", str(config), "--run-dir", str(run), "--tokenizer",
                     f"llamagen:{other}"])
 
+
+@pytest.mark.slow
+def test_diverged_run_stops_logs_the_stop_and_keeps_the_last_good_checkpoint(cached, tmp_path):
+    """post.lr 1e30: the decoder blows up after its first update and the next three losses are non-finite. The run
+    stops with a "stopped" event (nan_skipped 3) as the last log row, and no checkpoint is written inside the
+    streak: step 1 stays the newest, the last good state, and nothing is exported."""
+    source, config = cached
+    run = copy_run(source, tmp_path / "run", with_cache=True)
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+        train_main(["--stage", "post", "--config", str(config), "--run-dir", str(run), "--set", "post.lr=1e30",
+                    "--set", "post.min_lr=1e30", "--set", "post.max_bad_steps=3", "--set", "post.ckpt_interval=1"])
+    assert latest_checkpoint(run / "post").name == "step-00000001"
+    assert not (run / "tokenizer_post.pt").exists()
+    rows = [json.loads(line) for line in (run / "post" / "log.jsonl").read_text().splitlines()]
+    assert [r["nan_skipped"] for r in rows if "lr" in r] == [0, 1, 2]     # one row per step
+    assert rows[-1]["event"].startswith("stopped: 3 non-finite losses") and rows[-1]["nan_skipped"] == 3

@@ -13,7 +13,7 @@ import yaml
 from tests.stages.conftest import TINY_TOKENIZER, write_image_folder, write_main_config
 from tokpost_fast.models.generator import build_generator, generator_config, save_generator
 from tokpost_fast.models.tokenizer import TokenizerConfig, build_tokenizer, save_tokenizer
-from tokpost_fast.data.token_cache import file_sha256
+from tokpost_fast.atomic import file_sha256
 
 CACHE = {"sigma": 0.5, "shard_size": 8, "batch_size": 4, "cfg_scale": 2.0, "cfg_power": 1.0, "temperature": 1.0,
          "seed": 3}

@@ -1,4 +1,4 @@
-"""The `cache` section of a run config: how stages/cache.py builds the post-training set (SPEC A5.1, A7)."""
+"""The `cache` section of a run config: how stages/cache.py builds the post-training set (METHOD.md A5.1, A7)."""
 
 from __future__ import annotations
 
@@ -6,23 +6,24 @@ from dataclasses import dataclass
 from typing import Optional
 
 from tokpost_fast.checks import field_check
+from tokpost_fast.config.engine import PRECISIONS
 
 
 @dataclass
 class CacheStageConfig:
-    """Post-training set construction (SPEC A5.1, A7). Sampling defaults: the official post-training config
-    (T 1.0, g 16, p 2.75); which settings produced the paper's set is an open point (SPEC A7)."""
+    """Post-training set construction (METHOD.md A5.1, A7). Sampling defaults: the official post-training config
+    (T 1.0, g 16, p 2.75); which settings produced the paper's set is an open point (METHOD.md A7)."""
 
     sigma: float = 0.7                  # P(keep the ground-truth token); 1 = reconstruction, 0 = pure generation
     num_images: Optional[int] = None    # images in the set (a seeded subset); None: all training images
     shard_size: int = 1024              # rows per shard file
     batch_size: int = 64                # rows per sampling call (part of the seed layout: recorded in the index)
     temperature: float = 1.0
-    cfg_scale: float = 16.0             # classifier-free guidance g (SPEC A4 schedule)
+    cfg_scale: float = 16.0             # classifier-free guidance g (METHOD.md A4 schedule)
     cfg_power: float = 2.75             # guidance schedule power p
     top_k: int = 0                      # 0: no top-k filter
     top_p: float = 1.0                  # 1.0: no nucleus filter
-    # continuous tokenizer + DiT (issue 8): the noise level each real latent is denoised from (0: the real
+    # continuous tokenizer + DiT: the noise level each real latent is denoised from (0: the real
     # latent, 1: pure noise); 0.3 mirrors sigma = 0.7's 30 % generated tokens. Euler steps of the full [1, 0]
     # path (a partial denoise takes its share) and guidance on the velocity (DiT's FID setting 1.5).
     post_strength: float = 0.3
@@ -49,7 +50,7 @@ class CacheStageConfig:
         check("denoise_cfg_scale", self.denoise_cfg_scale >= 0, "must be >= 0")
         check("seed", 0 <= self.seed < 2**62, "must be in [0, 2**62)")
         check("max_steps", self.max_steps is None or self.max_steps >= 0, "must be None or >= 0")
-        check("precision", self.precision in ("auto", "fp32", "bf16"), "must be auto, fp32 or bf16")
+        check("precision", self.precision in PRECISIONS, "must be auto, fp32 or bf16")
 
     def sampling(self) -> dict:
         return dict(temperature=self.temperature, cfg_scale=self.cfg_scale, cfg_power=self.cfg_power,

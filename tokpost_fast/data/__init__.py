@@ -1,4 +1,4 @@
-"""Images in (SPEC B4): ImageFolder data set, torch and DALI pipelines with the same transforms, the per-rank
+"""Images in (METHOD.md B4): ImageFolder data set, torch and DALI pipelines with the same transforms, the per-rank
 loader, and the embedded default set built from scikit-image's photographs (python -m tokpost_fast.data.embedded)."""
 
 from tokpost_fast.data.config import DataConfig

@@ -1,8 +1,7 @@
-"""DataConfig: where the images are and how they are cropped and batched (SPEC B4)."""
+"""DataConfig: where the images are and how they are cropped and batched (METHOD.md B4)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from tokpost_fast.checks import field_check
@@ -39,11 +38,3 @@ class DataConfig:
         check("min_crop_frac", 0.0 < self.min_crop_frac <= 1.0, "must be in (0, 1]")
         check("val_fraction", 0.0 <= self.val_fraction < 1.0, "must be in [0, 1)")
         check("split_seed", self.split_seed >= 0, "must be >= 0")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "DataConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown DataConfig keys: {unknown}")
-        return cls(**values)

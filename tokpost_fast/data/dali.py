@@ -1,4 +1,4 @@
-"""NVIDIA DALI pipeline with the torch pipeline's transforms (SPEC B4).
+"""NVIDIA DALI pipeline with the torch pipeline's transforms (METHOD.md B4).
 
 Python keeps the sampler and the per-sample crop parameters (data/folder.py), reads the encoded bytes and feeds
 them through external_source; DALI decodes ("mixed" = nvJPEG on a GPU, "cpu" without one), resizes the shorter side

@@ -1,4 +1,4 @@
-"""The embedded default data set (SPEC B4): an ImageFolder built from the colour photographs that ship inside the
+"""The embedded default data set (METHOD.md B4): an ImageFolder built from the colour photographs that ship inside the
 scikit-image package (skimage/data/), one class per photograph, many deterministic random crops per class.
 
     python -m tokpost_fast.data.embedded --out data/embedded [--size 64] [--per-class 128] [--seed 0]
@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 from PIL import Image
+
+from tokpost_fast.atomic import atomic_folder
 
 # class name -> file in skimage/data (colour photographs only; the greyscale and synthetic ones are left out)
 PHOTOS = {
@@ -95,10 +95,7 @@ def build_embedded(out: str, size: int = 64, per_class: int = 128, seed: int = 0
         with open(os.path.join(out, MANIFEST)) as f:
             return json.load(f)
 
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(out)) + ".tmp-", dir=parent)
-    try:
+    with atomic_folder(out) as tmp:    # replaces an incomplete or differently-sized earlier build
         files = []
         for label, name in enumerate(classes):
             os.makedirs(os.path.join(tmp, name))
@@ -113,12 +110,6 @@ def build_embedded(out: str, size: int = 64, per_class: int = 128, seed: int = 0
                     "num_images": len(files), "files": files}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
-        if os.path.exists(out):
-            shutil.rmtree(out)   # an incomplete or differently-sized earlier build
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

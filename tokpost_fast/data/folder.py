@@ -1,5 +1,5 @@
 """ImageFolder data set, its train / val split, and the crop/flip geometry shared by the torch and DALI pipelines
-(SPEC B4).
+(METHOD.md B4).
 
 Split (deterministic, so every stage and the evaluation agree without storing anything): when the folder has a
 `val/` subfolder (root/val/<class>/..., training images in root/train/<class>/... or root/<class>/...), that is the

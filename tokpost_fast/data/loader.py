@@ -1,4 +1,4 @@
-"""build_loader: the per-rank image stream of one epoch (SPEC B4).
+"""build_loader: the per-rank image stream of one epoch (METHOD.md B4).
 
 Sharding and order come from torch's DistributedSampler keyed by (seed, epoch) (shuffled in training, drop_last so
 every rank sees the same number of full batches; in eval the sampler pads the last round by repeating samples,

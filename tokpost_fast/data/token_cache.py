@@ -1,4 +1,4 @@
-"""The post-training set on disk (SPEC B5): sharded token grids (or, for a continuous tokenizer, latents), their
+"""The post-training set on disk (METHOD.md B5): sharded token grids (or, for a continuous tokenizer, latents), their
 index and the checks `post` runs.
 
     RUN/cache/plan.json                  what this cache is being built with (written first; resume checks it)
@@ -7,13 +7,13 @@ index and the checks `post` runs.
                                          the tokenizer / generator checkpoint hashes, the sampling settings
 
 A shard holds, per row (tensors of safetensors, paths in its string metadata):
-    tokens       [n, h, w] uint16 (int32 when K > 65536)   the teacher-forced grid (SPEC A5.1)
+    tokens       [n, h, w] uint16 (int32 when K > 65536)   the teacher-forced grid (METHOD.md A5.1)
     gt_tokens    [n, h, w] same dtype                        the real image's own codes (tokenizer.encode)
     keep_mask    [n, h, w] bool                              True where the ground-truth token was kept
     sample_index [n] int64, label [n] int64, sigma [n] float32, seed [n] int64 (the sampling call's seed)
     metadata "tokpost_cache": JSON {format, shard, relative_paths (the real image of each row, relative to
               data.root), settings (the same dict as the index's "settings")}
-A latent shard (format tokpost-latent-cache/1: continuous tokenizer + DiT, issue 8) holds instead of the grids:
+A latent shard (format tokpost-latent-cache/1: continuous tokenizer + DiT) holds instead of the grids:
     latents      [n, C, h, w] float16   the DiT's denoising of the real latent from level post_strength, divided
                                         back by scaling_factor: what tokenizer.decode takes
     gt_latents   [n, C, h, w] float16   the real image's own latent (tokenizer.encode_latent)
@@ -32,8 +32,7 @@ from typing import Optional, Sequence
 
 import torch
 
-# file_sha256 is re-exported: callers import it from here
-from tokpost_fast.atomic import atomic_write_json, atomic_write_with, file_sha256  # noqa: F401
+from tokpost_fast.atomic import atomic_write_json, atomic_write_with, file_sha256
 
 FORMAT = "tokpost-token-cache/1"
 LATENT_FORMAT = "tokpost-latent-cache/1"

@@ -1,4 +1,4 @@
-"""The tokenizer objective (SPEC A1): reconstruction, LPIPS perceptual, hinge GAN with the adaptive weight,
+"""The tokenizer objective (METHOD.md A1): reconstruction, LPIPS perceptual, hinge GAN with the adaptive weight,
 DiffAugment and LeCam, the DINOv2 semantic InfoNCE; LossConfig holds every weight, TokenizerLoss combines them."""
 
 from tokpost_fast.losses.config import LossConfig

@@ -1,9 +1,8 @@
-"""LossConfig: every weight of the tokenizer objective (SPEC A1), with the values RobusTok's main training ran
+"""LossConfig: every weight of the tokenizer objective (METHOD.md A1), with the values RobusTok's main training ran
 (configs/main-train.yaml, xqgan_train.py defaults) unless noted."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -64,11 +63,3 @@ class LossConfig:
         check("diffaug_policy", all(op in DIFFAUG_OPS for op in ops), f"ops must be among {DIFFAUG_OPS}")
         check("diffaug_translation", 0.0 <= self.diffaug_translation < 1.0, "must be in [0, 1)")
         check("diffaug_cutout", 0.0 <= self.diffaug_cutout < 1.0, "must be in [0, 1)")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "LossConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown LossConfig keys: {unknown}")
-        return cls(**values)

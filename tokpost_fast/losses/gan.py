@@ -1,4 +1,4 @@
-"""GAN pieces of the tokenizer objective (SPEC A1): hinge losses, the adaptive generator weight, DiffAugment and
+"""GAN pieces of the tokenizer objective (METHOD.md A1): hinge losses, the adaptive generator weight, DiffAugment and
 the LeCam regulariser. The discriminator itself is models/tokenizer/discriminator.py."""
 
 from __future__ import annotations

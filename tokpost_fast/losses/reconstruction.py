@@ -1,4 +1,4 @@
-"""Pixel reconstruction loss (SPEC A1: MSE, as RobusTok's reconstruction_loss='l2'; L1 optional)."""
+"""Pixel reconstruction loss (METHOD.md A1: MSE, as RobusTok's reconstruction_loss='l2'; L1 optional)."""
 
 from __future__ import annotations
 

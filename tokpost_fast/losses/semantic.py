@@ -1,4 +1,4 @@
-"""Semantic regulariser (SPEC A1): InfoNCE between a frozen DINOv2 class feature of the input, mapped to the
+"""Semantic regulariser (METHOD.md A1): InfoNCE between a frozen DINOv2 class feature of the input, mapped to the
 codebook dim, and the spatial mean of the (possibly perturbed) quantized latent.
 
 As RobusTok (xqgan_model.py + ClipLoss): the teacher is DINOv2 run at our image size with patch 16; its class

@@ -1,4 +1,4 @@
-"""TokenizerLoss: the two sides of the tokenizer objective that the trainer calls (SPEC A1; RobusTok vq_loss.py).
+"""TokenizerLoss: the two sides of the tokenizer objective that the trainer calls (METHOD.md A1; RobusTok vq_loss.py).
 
 Generator side:
     L = rec * MSE + perceptual * LPIPS + w * gan * hinge_g(D(aug(x_rec))) + codebook * L_cb + commit * L_commit

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC A3, B3): rFID, pFID, gFID, IS, precision / recall on torch-fidelity.
+"""Evaluation (METHOD.md A3, B3): rFID, pFID, gFID, IS, precision / recall on torch-fidelity.
 
 torch-fidelity does the feature extraction (its "inception-v3-compat" FID Inception, or our registered offline
 proxy "tokpost-proxy-v1") and the statistics; this package adds what it cannot do: decoding token batches (clean,
@@ -7,14 +7,14 @@ tokenizer with a DiT generator is evaluated the same way: rFID, the perturbed-la
 latent_noise.py), and gFID of DiT samples.
 CLI: `python -m tokpost_fast.evaluate`.
 
-Names are imported lazily, so `from tokpost_fast.metrics.config import EvalConfig` (the run config's `eval`
-section) does not pull in torch-fidelity.
+Names are imported lazily, so importing one module of the package does not pull in torch-fidelity. The run
+config's `eval` section (EvalConfig) is tokpost_fast/config/eval.py; the printed table and the pipeline report
+are tokpost_fast/report/.
 """
 
 import importlib
 
 _EXPORTS = {
-    "config": ("DEFAULT_METRICS", "METRICS", "EvalConfig"),
     "extractor": ("INCEPTION_NAME", "PROXY_NAME", "ExtractorInfo", "ProxyFeatureExtractor", "build_extractor",
                   "check_inception_weights"),
     "features": ("FIDStats", "extract_features", "fid_between", "fid_statistics", "frechet_distance",

@@ -39,9 +39,12 @@ from tokpost_fast.metrics.features import (
     FeatureCollector, RealStats, cached_real_stats, extract_features, fid_between, fid_statistics, fingerprint,
     images_to_uint8, kid_between,
 )
-from tokpost_fast.metrics.generation import DiTSampling, SamplingSettings, balanced_labels, decode_samples, sample_codes
 from tokpost_fast.metrics.latent_noise import check_noise, noise_settings
-from tokpost_fast.metrics.pfid import CLEAN, check_perturbation, decode_features, default_delta, is_continuous
+from tokpost_fast.metrics.pfid import CLEAN, check_perturbation, decode_features, default_delta
+from tokpost_fast.models import is_continuous
+from tokpost_fast.models.generator import (DiTSampling, SamplingSettings, balanced_labels, decode_samples, denoise_from,
+                                           load_generator, sample_codes, teacher_forced_sample)
+from tokpost_fast.models.tokenizer import load_tokenizer
 
 MSE_GAP_IMAGES = 128
 IS_NOT_MEASURED = "not measured: the bundled weights have no classifier (--inception-weights PATH adds IS)"
@@ -79,12 +82,10 @@ class ArmEvaluation:
         self.real, self.real_cached = cached_real_stats(
             str(self.run_dir / "fid_stats"), self.info, self.data_fingerprint,
             lambda: extract_features(images, self.extractor, self.info, "cpu", None, progress, "real images"))
-        from tokpost_fast.models.generator import load_generator
-
         self.generator_path = self.run_dir / "generator.pt"
         self.gpt = load_generator(self.generator_path, map_location="cpu").eval()
         self.generator_sha = file_sha256(self.generator_path)      # keys the samples and the draws
-        self.continuous = getattr(self.gpt, "kind", "ar") == "dit"
+        self.continuous = is_continuous(self.gpt)
         gen = cfg.gen
         self.sampling = (DiTSampling(self.opts.cfg_scale, self.opts.sample_steps or gen.sample_steps)
                          if self.continuous else
@@ -141,12 +142,9 @@ class ArmEvaluation:
         return path, store
 
     @torch.no_grad()
-    def measure(self, path: Path, curve: tuple) -> dict:
+    def measure(self, path: Path, tokenizer, curve: tuple) -> dict:
         """rFID, pFID per seed (+ the curve at the first seed), gFID per seed, each with its KID, of one
-        checkpoint."""
-        from tokpost_fast.models.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(str(path)).eval()
+        checkpoint (`tokenizer`: the model in the file at `path`)."""
         pfid = self.pfid_setting(tokenizer)
         curve_settings = [self.pfid_setting(tokenizer, x) for x in curve]
         sha = file_sha256(path)
@@ -189,33 +187,25 @@ class ArmEvaluation:
 
 
 @torch.no_grad()
-def heldout_mse_gap(ev: ArmEvaluation, arms: dict[str, list[Path]], count: int = MSE_GAP_IMAGES) -> dict:
-    """MSE to the real held-out image of every arm's decodes of (a) grids made as the cache makes them and (b) the
-    clean grids of the same images; the gap (a) - (b) is the decoder's sensitivity to generator-made codes."""
-    from tokpost_fast.models.tokenizer import load_tokenizer
-
+def mse_gap_inputs(ev: ArmEvaluation, reference, count: int = MSE_GAP_IMAGES) -> dict:
+    """The inputs of the MSE-gap diagnostic on held-out images: (a) grids made the way the cache makes them, by the
+    generator from the clean grids of `reference` (the main tokenizer), and (b) those clean grids."""
     cfg = ev.cfg
     pick = torch.linspace(0, len(ev.images) - 1, min(count, len(ev.images))).round().long().unique()
     real, labels = ev.images[pick], ev.labels[pick]
-    main = load_tokenizer(str(arms["main"][0])).eval()
     rng_seed = cfg.cache.seed + 7919          # not the cache's own draws: these images were never cached
     if ev.continuous:
-        from tokpost_fast.models.generator import denoise_from
-
-        clean = main.encode_latent(real).float()
+        clean = reference.encode_latent(real).float()
         noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(rng_seed))
-        sf = main.scaling_factor
+        sf = reference.scaling_factor
         with one_thread():
             made = denoise_from(ev.gpt, clean * sf, labels, cfg.cache.post_strength, cfg.cache.denoise_steps,
                                 cfg.cache.denoise_cfg_scale, noise=noise) / sf
         how = {"kind": "latents", "post_strength": cfg.cache.post_strength,
                "relative_change": float(((made - clean).flatten(1).norm(dim=1)
                                          / clean.flatten(1).norm(dim=1).clamp_min(1e-12)).mean())}
-        decode = lambda model, z: model.decode(z)                                   # noqa: E731
     else:
-        from tokpost_fast.models.generator import teacher_forced_sample
-
-        clean = main.encode(real)                                                   # [n, h, w]
+        clean = reference.encode(real)                                              # [n, h, w]
         with one_thread():
             tokens, keep = teacher_forced_sample(ev.gpt, labels, clean.flatten(1), cfg.cache.sigma, rng_seed,
                                                  **cfg.cache.sampling())
@@ -224,17 +214,17 @@ def heldout_mse_gap(ev: ArmEvaluation, arms: dict[str, list[Path]], count: int =
         made = tokens.view_as(clean)
         how = {"kind": "tokens", "sigma": cfg.cache.sigma, "keep_fraction": float(keep.float().mean()),
                "changed_fraction": float((made != clean).float().mean())}
-        decode = lambda model, idx: model.decode_codes(idx)                         # noqa: E731
-    out = {"images": len(pick), "split": "val", **how, "arms": {}}
-    for arm, paths in arms.items():
-        rows = []
-        for path in paths:
-            model = load_tokenizer(str(path)).eval()
-            mse = {what: float(((decode(model, inputs).clamp(-1, 1) - real) ** 2).mean())
-                   for what, inputs in (("generated", made), ("clean", clean))}
-            rows.append({**mse, "gap": mse["generated"] - mse["clean"]})
-        out["arms"][arm] = rows
-    return out
+    return {"real": real, "made": made, "clean": clean, "images": len(pick), "how": how}
+
+
+@torch.no_grad()
+def mse_gap_row(tokenizer, inputs: dict) -> dict:
+    """One decoder's MSE to the real held-out images on the generated and on the clean grids, and the gap
+    (generated - clean): the decoder's sensitivity to generator-made codes."""
+    decode = tokenizer.decode if inputs["how"]["kind"] == "latents" else tokenizer.decode_codes
+    mse = {what: float(((decode(inputs[key]).clamp(-1, 1) - inputs["real"]) ** 2).mean())
+           for what, key in (("generated", "made"), ("clean", "clean"))}
+    return {**mse, "gap": mse["generated"] - mse["clean"]}
 
 
 def evaluate_arms(run_dir, arms: dict[str, list], cfg, images: torch.Tensor, labels: torch.Tensor,
@@ -246,10 +236,17 @@ def evaluate_arms(run_dir, arms: dict[str, list], cfg, images: torch.Tensor, lab
     arms = {arm: [run_dir / p if not os.path.isabs(str(p)) else Path(p) for p in paths] for arm, paths in arms.items()}
     (run_dir / "eval").mkdir(parents=True, exist_ok=True)
     ev = ArmEvaluation(run_dir, cfg, images, labels, seeds, progress, inception_weights)
-    measured = {arm: [ev.measure(path, curve) for path in paths] for arm, paths in arms.items()}
-    from tokpost_fast.models.tokenizer import load_tokenizer
-
-    main = load_tokenizer(str(arms["main"][0] if "main" in arms else next(iter(arms.values()))[0]))
+    reference_path = arms["main"][0] if "main" in arms else next(iter(arms.values()))[0]
+    reference = load_tokenizer(str(reference_path)).eval()
+    gap_inputs = mse_gap_inputs(ev, reference)
+    measured, gap_rows = {}, {}
+    for arm, paths in arms.items():
+        measured[arm], gap_rows[arm] = [], []
+        for path in paths:                 # every checkpoint is loaded once, for its draws and its MSE gap
+            tokenizer = reference if path == reference_path else load_tokenizer(str(path)).eval()
+            measured[arm].append(ev.measure(path, tokenizer, curve))
+            gap_rows[arm].append(mse_gap_row(tokenizer, gap_inputs))
+    mse_gap = {"images": gap_inputs["images"], "split": "val", **gap_inputs["how"], "arms": gap_rows}
     result = {
         "proxy": ev.info.proxy, "label": ev.info.label,
         "extractor": {"name": ev.info.name, "id": ev.info.extractor_id, "weights": ev.info.weights,
@@ -257,11 +254,11 @@ def evaluate_arms(run_dir, arms: dict[str, list], cfg, images: torch.Tensor, lab
                       "inception_score": None if ev.info.isc_layer else IS_NOT_MEASURED},
         "num": {"real": len(images), "generated": ev.num_generated}, "split": split or {},
         "seeds": ev.seeds, "curve_axis": "noise" if ev.continuous else "alpha",
-        "settings": {"pfid": ev.pfid_record(main), "generation": ev.sampling.as_dict(),
+        "settings": {"pfid": ev.pfid_record(reference), "generation": ev.sampling.as_dict(),
                      "generation_kind": "dit" if ev.continuous else "ar"},
         "real_stats": {"cached": ev.real_cached, "fingerprint": ev.data_fingerprint},
         "arms": measured,
-        "mse_gap": heldout_mse_gap(ev, arms),
+        "mse_gap": mse_gap,
         "versions": {"torch": torch.__version__},
         "seconds": round(time.time() - started, 1),
     }

@@ -21,14 +21,22 @@ H / log K.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 from tokpost_fast.atomic import atomic_write_with
+from tokpost_fast.config import load_config
+from tokpost_fast.data import ImageFolderDataset
+from tokpost_fast.data.token_cache import CacheRows, load_rows, read_index
+from tokpost_fast.models import is_continuous
+from tokpost_fast.models.tokenizer import load_tokenizer
+from tokpost_fast.training.run_log import _parse_row
 
 LOG_COLUMNS = {"used_fraction": "codebook/used", "perplexity": "codebook/perplexity", "dead": "codebook/dead",
                "restarted": "codebook/restarted"}
@@ -60,8 +68,6 @@ def usage_stats(indices: torch.Tensor, codebook_size: int) -> dict:
 
 def read_log(path: Union[str, Path]) -> list[dict]:
     """The rows of a log.jsonl (a half-written last line is skipped)."""
-    from tokpost_fast.training.run_log import _parse_row
-
     return [row for line in Path(path).read_text().splitlines() if (row := _parse_row(line)) is not None]
 
 
@@ -111,8 +117,6 @@ def cache_usage(cache_dir: Union[str, Path], codebook_size: int) -> dict:
     clean grids of the same real images, over all positions and over the resampled ones only (keep_mask False:
     where the generator's sample stands). `new_codes_in_generated`: codes the generated grids use that no clean
     grid does; `changed_fraction`: the fraction of tokens that differ from the clean grid."""
-    from tokpost_fast.data.token_cache import CacheRows, load_rows, read_index
-
     folder = Path(cache_dir)
     rows = load_rows(folder, read_index(folder))
     if not isinstance(rows, CacheRows):
@@ -134,16 +138,10 @@ def cache_usage(cache_dir: Union[str, Path], codebook_size: int) -> dict:
 def tokenizer_usage(run_dir: Union[str, Path], split: str = "val", batch_size: int = 64) -> dict:
     """usage_stats (and the reconstruction MSE) of RUN/tokenizer.pt's codes on a split of the run's data
     (RUN/config.yaml's data section; "val": the held-out images every metric uses)."""
-    import torch.nn.functional as F
-
-    from tokpost_fast.config import load_config
-    from tokpost_fast.data import ImageFolderDataset
-    from tokpost_fast.models.tokenizer import load_tokenizer
-
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     model = load_tokenizer(str(run_dir / "tokenizer.pt")).eval()
-    if model.is_continuous:
+    if is_continuous(model):
         raise ValueError(f"{run_dir / 'tokenizer.pt'} is a continuous tokenizer: it has no codes")
     data = ImageFolderDataset(cfg.data, train=False, split=split)
     codes, squared_error = [], 0.0
@@ -159,8 +157,6 @@ def tokenizer_usage(run_dir: Union[str, Path], split: str = "val", batch_size: i
 
 
 def _cli() -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(description="Codebook usage of a run folder: the exported tokenizer's codes "
                                      "on the held-out split, the usage columns of log.jsonl, the token cache.")
     parser.add_argument("--run-dir", required=True, type=Path)

@@ -1,7 +1,7 @@
 """Means, spreads and the post-training effect from the draws of metrics/arms.py.
 
 A "draw" of a metric is one value: rFID has one per checkpoint of an arm (per post-training seed); pFID and gFID
-one per (checkpoint, evaluation seed). The effect of post-training is post - control (SPEC A5: the control arm is
+one per (checkpoint, evaluation seed). The effect of post-training is post - control (METHOD.md A5: the control arm is
 the same decoder post-trained with the same recipe and steps on clean grids, sigma = 1), taken over PAIRED draws:
 the same post-training seed index and the same evaluation seed, so both decoders saw the same generated samples.
 

@@ -37,6 +37,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor
 
 from tokpost_fast.atomic import file_sha256
+from tokpost_fast.metrics.inception import BUNDLED_SHA1, build_bundled_fidelity_inception
 
 INCEPTION_NAME = "inception-v3-compat"
 PROXY_NAME = "tokpost-proxy-v1"
@@ -243,8 +244,6 @@ def build_extractor(inception_weights: str | os.PathLike | None = None, device: 
         inner = create_feature_extractor(name, layers, cuda=False, verbose=False)
         extractor_id = f"{name}:{inner.weights_sha256()[:16]}"
     elif inception_weights is None:
-        from tokpost_fast.metrics.inception import BUNDLED_SHA1, build_bundled_fidelity_inception
-
         name, weights = INCEPTION_NAME, "bundled"
         layers = [FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid"), None]
         inner = build_bundled_fidelity_inception(name, layers[:1])

@@ -1,8 +1,7 @@
 """gFID / IS / precision-recall inputs: class-balanced generator samples, decoded by the tokenizer.
 
-AR generators (kind "ar") sample token grids (SPEC A4) that the VQ tokenizer decodes; a DiT (kind "dit") samples
-latents x0 = z * scaling_factor with the rectified-flow Euler sampler (models/generator/diffusion.py: sample_dit),
-which the continuous tokenizer decodes as decode(x0 / scaling_factor).
+AR generators (kind "ar") sample token grids (METHOD.md A4) that the VQ tokenizer decodes; a DiT (kind "dit") samples
+latents that the continuous tokenizer decodes: models/generator/generate.py, the one sample-and-decode path.
 
 Labels run 0, 1, ..., C-1, 0, 1, ... so every class gets floor(N/C) or ceil(N/C) samples (ImageNet's 50k
 evaluation is 50 per class). One torch.Generator seeded with `seed` drives all sampling, so a run is reproducible
@@ -10,8 +9,6 @@ for a given seed and batch size.
 """
 
 from __future__ import annotations
-
-from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -22,70 +19,10 @@ from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, p
 from tokpost_fast.metrics.extractor import IS_NEEDS_FILE, ExtractorInfo
 from tokpost_fast.metrics.features import FeatureCollector, RealStats, fid_between, fid_statistics, kid_between
 from tokpost_fast.models.generator.fit import check_generator_fits
+from tokpost_fast.models.generator.generate import (DiTSampling, SamplingSettings, balanced_labels, sample_decoded,
+                                                    sampling_for)
 
 PRC_NEIGHBORHOOD = 3  # torch-fidelity's default k for the k-NN manifolds (Kynkaanniemi et al. 2019)
-
-
-@dataclass
-class SamplingSettings:
-    """SPEC A4 sampling: guidance scale g, power p of the cosine schedule, temperature T, top-k / top-p."""
-
-    cfg_scale: float = 1.0
-    cfg_power: float = 1.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class DiTSampling:
-    """The DiT's sampler: Euler steps of the rectified flow, guidance scale g on the velocity."""
-
-    cfg_scale: float = 1.0
-    steps: int = 50
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def generator_kind(generator) -> str:
-    return getattr(generator, "kind", "ar")
-
-
-@torch.no_grad()
-def sample_codes(generator, labels: torch.Tensor, sampling, rng: torch.Generator, grid_size: int) -> torch.Tensor:
-    """labels [B] -> what the generator makes, before any decoder: token grids [B, h, w] (AR) or latents
-    x0 = z * scaling_factor [B, C, h, w] (DiT). Several decoders can then decode the very same samples."""
-    if generator_kind(generator) == "dit":
-        from tokpost_fast.models.generator import sample_dit
-
-        return sample_dit(generator, labels, steps=sampling.steps, cfg_scale=sampling.cfg_scale, generator=rng)
-    from tokpost_fast.models.generator import sample
-
-    tokens = sample(generator, labels, generator=rng, **sampling.as_dict())   # [B, L]
-    return tokens.reshape(-1, grid_size, grid_size)
-
-
-@torch.no_grad()
-def decode_samples(tokenizer, codes: torch.Tensor) -> torch.Tensor:
-    """sample_codes' output -> images [B, 3, H, W]: token ids through the codebook, DiT latents as
-    decode(x0 / scaling_factor) with this tokenizer's own scaling factor."""
-    if codes.is_floating_point():
-        return tokenizer.decode(codes / tokenizer.scaling_factor)
-    return tokenizer.decode_codes(codes)
-
-
-@torch.no_grad()
-def sample_decoded(tokenizer, generator, labels: torch.Tensor, sampling, rng: torch.Generator) -> torch.Tensor:
-    """labels [B] -> images [B, 3, H, W]: one sampling call of either generator kind, decoded by the tokenizer."""
-    return decode_samples(tokenizer, sample_codes(generator, labels, sampling, rng, tokenizer.grid_size))
-
-
-def balanced_labels(start: int, stop: int, num_classes: int) -> torch.Tensor:
-    return torch.arange(start, stop, dtype=torch.long) % num_classes
 
 
 @torch.no_grad()
@@ -97,11 +34,7 @@ def generated_features(tokenizer, generator, num: int, extractor, info: Extracto
     if num < 1:
         raise ValueError(f"number of generated images must be >= 1, got {num}")
     check_generator_fits(generator, tokenizer)
-    wanted = DiTSampling if generator_kind(generator) == "dit" else SamplingSettings
-    sampling = sampling or wanted()
-    if not isinstance(sampling, wanted):
-        raise ValueError(f"a {generator_kind(generator)!r} generator samples with {wanted.__name__}, got "
-                         f"{type(sampling).__name__}")
+    sampling = sampling_for(generator, sampling)
     device = torch.device(device)
     modes = (tokenizer.training, generator.training)
     tokenizer.eval()

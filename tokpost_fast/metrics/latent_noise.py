@@ -1,6 +1,6 @@
 """The perturbed-latent FID of a continuous (KL) tokenizer: OUR ANALOGUE of pFID, not the paper's pFID.
 
-The paper's pFID (SPEC A3) resamples the codes of a VQ latent (alpha, delta); a continuous latent has no codes.
+The paper's pFID (METHOD.md A3) resamples the codes of a VQ latent (alpha, delta); a continuous latent has no codes.
 Our analogue applies the main stage's continuous perturbation (docs/INTERFACES.md, "Continuous tokenizer";
 models/tokenizer/kl.py: gaussian_perturb) to every image (beta = 1) and takes the FID of the decodes:
 
@@ -21,6 +21,8 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
+
+from tokpost_fast.models.tokenizer.kl import gaussian_perturb
 
 PFID_CURVE_NOISES = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_PFID_NOISE = 0.5
@@ -64,8 +66,6 @@ def image_noise_seed(seed: int, image: int) -> int:
 def perturb_latents(z: torch.Tensor, noise: float, seed: int, first_image: int) -> torch.Tensor:
     """z [B, C, h, w] of images first_image .. first_image + B - 1 -> z + noise * std(z_b) * eps_b, row by row
     (the training operator, gaussian_perturb, with one seed per image)."""
-    from tokpost_fast.models.tokenizer.kl import gaussian_perturb
-
     if noise == 0.0:
         return z
     return torch.cat([gaussian_perturb(z[b:b + 1], noise, seed=image_noise_seed(seed, first_image + b))

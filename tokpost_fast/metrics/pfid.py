@@ -1,4 +1,4 @@
-"""rFID and pFID (SPEC A3): features of decoded clean / perturbed token grids, one encode per image. For a
+"""rFID and pFID (METHOD.md A3): features of decoded clean / perturbed token grids, one encode per image. For a
 continuous tokenizer the same loop decodes clean / noised latents (metrics/latent_noise.py: our analogue).
 
 pFID is the FID between real images and the decodes of their *perturbed* tokens: the A2 operator
@@ -22,6 +22,9 @@ from tokpost_fast.atomic import atomic_write_json
 from tokpost_fast import ops
 from tokpost_fast.metrics.extractor import ExtractorInfo
 from tokpost_fast.metrics.features import FeatureCollector, count_images, iter_image_batches
+from tokpost_fast.metrics.latent_noise import continuous_decoder
+from tokpost_fast.models import is_continuous
+from tokpost_fast.models.tokenizer.quantizer import VectorQuantizer
 
 PFID_CURVE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_PFID_ALPHA = 1.0
@@ -52,7 +55,7 @@ CURVE_AXES = {"alpha": ("perturbation rate alpha", "pFID"),
 
 
 def default_delta(codebook_size: int) -> int:
-    """SPEC A7: delta defaults to the training value 100, capped by the codebook size."""
+    """METHOD.md A7: delta defaults to the training value 100, capped by the codebook size."""
     return min(DEFAULT_PFID_DELTA, int(codebook_size))
 
 
@@ -66,8 +69,6 @@ def check_perturbation(alpha: float, delta: int, codebook_size: int) -> Perturba
 
 def _quantizer(model):
     """The tokenizer's VectorQuantizer submodule, or None (a model of another layout)."""
-    from tokpost_fast.models.tokenizer.quantizer import VectorQuantizer
-
     return next((m for m in model.modules() if isinstance(m, VectorQuantizer)), None)
 
 
@@ -88,7 +89,7 @@ def tokenizer_codebook(model) -> torch.Tensor:
 
 
 def tokenizer_metric(model) -> str:
-    """The quantizer's nearest-code metric: cosine (l2-normalised codes, SPEC A1) unless it says otherwise."""
+    """The quantizer's nearest-code metric: cosine (l2-normalised codes, METHOD.md A1) unless it says otherwise."""
     quantizer = _quantizer(model)
     if quantizer is not None:
         return quantizer.metric
@@ -98,11 +99,6 @@ def tokenizer_metric(model) -> str:
 def tokenizer_backend(model) -> str:
     quantizer = _quantizer(model)
     return quantizer.backend if quantizer is not None else getattr(model.config, "quantizer_backend", "auto")
-
-
-def is_continuous(model) -> bool:
-    """A continuous (KL) tokenizer: no codebook; its pFID is the latent-noise analogue (metrics/latent_noise.py)."""
-    return bool(getattr(model, "is_continuous", False))
 
 
 @torch.no_grad()
@@ -116,9 +112,7 @@ def decode_features(model, images, extractor, info: ExtractorInfo, settings: lis
     was_training = model.training
     model.eval()
     try:
-        if is_continuous(model):
-            from tokpost_fast.metrics.latent_noise import continuous_decoder
-
+        if is_continuous(model):      # no codebook: its pFID is the latent-noise analogue (latent_noise.py)
             decode_batch = continuous_decoder(model, settings, seed)
         else:
             decode_batch = _vq_decoder(model, settings, seed, torch.device(device))

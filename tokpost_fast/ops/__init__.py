@@ -1,4 +1,4 @@
-"""Public fused quantizer ops (SPEC B2). Each is a torch.library custom op with a fake kernel (and an autograd
+"""Public fused quantizer ops (METHOD.md B2). Each is a torch.library custom op with a fake kernel (and an autograd
 rule where gradients exist), so modules calling them compile with torch.compile(fullgraph=True)."""
 
 from tokpost_fast.ops._backends import BACKENDS, available_backends

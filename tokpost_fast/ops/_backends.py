@@ -1,6 +1,6 @@
 """Which kernel runs an op: backend discovery and the "auto" choice.
 
-Backends (SPEC B2): "triton" (GPU; on the CPU only under TRITON_INTERPRET=1, which is how CI tests it), "cuda"
+Backends (METHOD.md B2): "triton" (GPU; on the CPU only under TRITON_INTERPRET=1, which is how CI tests it), "cuda"
 and "cpu" (the csrc extension tokpost_fast._C), "reference" (plain PyTorch, the ground truth), "auto".
 A missing backend is a clear error when asked for by name, and a logged fallback (once) under "auto".
 """

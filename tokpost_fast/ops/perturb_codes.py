@@ -1,4 +1,4 @@
-"""perturb_codes: the latent-perturbation operator of SPEC A2, fused with the nearest-code search.
+"""perturb_codes: the latent-perturbation operator of METHOD.md A2, fused with the nearest-code search.
 
 # z: [..., D], codebook: [K, D] -> idx: [...] int64 (nearest), idx_perturbed: [...] int64
 With probability `rate` a token takes a code drawn uniformly from its `topk` nearest codes, itself included, so it

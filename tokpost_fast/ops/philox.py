@@ -1,6 +1,6 @@
 """Philox4x32-10 counter-based random numbers, in plain PyTorch.
 
-This is the generator every backend uses for the latent perturbation (SPEC A2, B2), so the same seed gives
+This is the generator every backend uses for the latent perturbation (METHOD.md A2, B2), so the same seed gives
 bit-identical draws on the reference, the C++ CPU kernel, the CUDA kernel and the Triton kernel. The round
 function is Random123's Philox4x32-10, the same one `triton.language.philox` implements.
 

@@ -1,4 +1,4 @@
-"""quantize: the full vector-quantizer step of SPEC A1 with the latent perturbation of A2.
+"""quantize: the full vector-quantizer step of METHOD.md A1 with the latent perturbation of A2.
 
 # z: [..., D], codebook: [K, D] -> QuantizeOutput(z_q [..., D], indices [...], perturbed_indices [...],
 #                                                 codebook_loss [], commit_loss [])

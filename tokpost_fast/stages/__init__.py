@@ -1,4 +1,4 @@
-"""Training stages, one file each, following the data's path: main -> gen -> cache -> post (SPEC B3).
+"""Training stages, one file each, following the data's path: main -> gen -> cache -> post (METHOD.md B3).
 
 Each stage module defines `run(cfg: Config, run_dir: Path, resume: bool = False) -> dict` and is started by
 tokpost_fast/train.py. `SECTIONS` names the config section holding a stage's own settings (where `--max-steps`

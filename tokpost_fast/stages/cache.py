@@ -1,4 +1,4 @@
-"""Stage `cache`: build the post-training set (SPEC A5.1, B5) as sharded token grids.
+"""Stage `cache`: build the post-training set (METHOD.md A5.1, B5) as sharded token grids.
 
     deepspeed [--num_gpus N] tokpost_fast/train.py --stage cache --config configs/demo.yaml --run-dir DIR [--resume]
 
@@ -11,7 +11,7 @@ chunk_seed(cache.seed, s, c): a shard's bytes depend only on the settings, never
 interruptions, so a re-run (with or without --resume: present shards are complete by construction) continues at
 the first missing shard and ends byte-identical to one clean run. DIR/cache/index.json is written last.
 
-Continuous tokenizer + DiT generator (issue 8; our reading of the paper, the diffusion analogue of the teacher
+Continuous tokenizer + DiT generator (our reading of the paper, the diffusion analogue of the teacher
 forcing above): each real latent x0 = encode_latent(image) * scaling_factor is noised to level cache.post_strength,
 x_s = (1 - s) x0 + s eps, and the DiT integrates it back to t = 0 (models/generator/diffusion.py: denoise_from);
 the result, divided by scaling_factor, is stored as fp16 `latents` (format: data/token_cache.py). eps is drawn
@@ -22,15 +22,29 @@ s = 0 stores the real latent itself, s = 1 a pure sample of the image's class.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
+from tokpost_fast.atomic import file_sha256, remove_stale_temps
+from tokpost_fast.data import ImageFolderDataset
+from tokpost_fast.data.folder import collate
+from tokpost_fast.data.token_cache import (FORMAT, INDEX, LATENT_FORMAT, PLAN, CacheRows, LatentRows, read_index,
+                                           settings_diff, shard_name, token_dtype, write_json_atomic,
+                                           write_latent_shard, write_shard)
+from tokpost_fast.models import is_continuous
+from tokpost_fast.models.generator import (check_generator_fits, denoise_from, load_generator,
+                                           teacher_forced_sample)
+from tokpost_fast.models.tokenizer import load_tokenizer
+from tokpost_fast.training.engine import autocast, barrier, init_distributed, resolve_precision
+from tokpost_fast.training.run_log import JsonlLog
 
 log = logging.getLogger("tokpost_fast.train")
 
@@ -69,8 +83,6 @@ def cache_settings(cfg, num_rows: int, continuous: bool = False) -> dict:
 def check_generator_tokenizer(gpt, tokenizer, tokenizer_sha256: str, generator_path) -> None:
     """The generator's tokens must be this tokenizer's codes (its latents, for a DiT): refuse a generator trained
     on another tokenizer, naming both hashes, or of the other kind."""
-    from tokpost_fast.models.generator import check_generator_fits
-
     check_generator_fits(gpt, tokenizer, str(generator_path))
     recorded = getattr(gpt, "checkpoint_extra", {}).get("tokenizer_hash")
     if recorded is not None and recorded != tokenizer_sha256:
@@ -90,11 +102,6 @@ def plan_key(plan: dict) -> dict:
 def _prepare_folder(folder: Path, plan: dict, note) -> None:
     """Rank 0: start a new cache, or keep one being built with the same plan; a cache of another plan (other
     checkpoints or settings) is stale: removed, with a note in the log."""
-    import json
-
-    from tokpost_fast.atomic import remove_stale_temps
-    from tokpost_fast.data.token_cache import PLAN, settings_diff, write_json_atomic
-
     plan_path = folder / PLAN
     if plan_path.is_file():
         old = json.loads(plan_path.read_text())
@@ -112,10 +119,7 @@ def _prepare_folder(folder: Path, plan: dict, note) -> None:
 
 
 def _token_rows(tokenizer, gpt, cc, shard: int, chunk: int, images, labels, indices, dataset):
-    """SPEC A5.1 for one chunk: teacher-forced grids, the chunk's seed from (cache.seed, shard, chunk)."""
-    from tokpost_fast.models.generator import teacher_forced_sample
-    from tokpost_fast.data.token_cache import CacheRows
-
+    """METHOD.md A5.1 for one chunk: teacher-forced grids, the chunk's seed from (cache.seed, shard, chunk)."""
     seed, grid, b = chunk_seed(cc.seed, shard, chunk), tokenizer.grid_size, images.shape[0]
     gt = tokenizer.encode(images)                                                   # [b, h, w]
     tokens, keep = teacher_forced_sample(gpt, labels, gt, cc.sigma, seed, **cc.sampling())
@@ -129,9 +133,6 @@ def _token_rows(tokenizer, gpt, cc, shard: int, chunk: int, images, labels, indi
 def _latent_rows(tokenizer, dit, cc, images, labels, indices, dataset):
     """The continuous analogue for one chunk: real latents denoised by the DiT from level post_strength, each
     image's noise from its own seed (drawn on the CPU: the same on every device and batch split)."""
-    from tokpost_fast.models.generator import denoise_from
-    from tokpost_fast.data.token_cache import LatentRows
-
     seeds = [image_seed(cc.seed, int(i)) for i in indices]
     z = tokenizer.encode_latent(images).float()                                     # [b, C, h, w]
     if cc.post_strength == 0:
@@ -150,19 +151,6 @@ def _latent_rows(tokenizer, dit, cc, images, labels, indices, dataset):
 
 
 def run(cfg, run_dir: Path, resume: bool = False) -> dict:
-    # Imported here: config.py imports this module for CacheStageConfig, and these import config.py.
-    import time
-
-    from tokpost_fast.data import ImageFolderDataset
-    from tokpost_fast.data.folder import collate
-    from tokpost_fast.models.generator import load_generator
-    from tokpost_fast.models.tokenizer import load_tokenizer
-    from tokpost_fast.training.engine import autocast, barrier, init_distributed, resolve_precision
-    from tokpost_fast.training.run_log import JsonlLog
-    from tokpost_fast.data.token_cache import (FORMAT, INDEX, LATENT_FORMAT, CacheRows, LatentRows, file_sha256,
-                                                 read_index, shard_name, token_dtype, write_json_atomic,
-                                                 write_latent_shard, write_shard)
-
     cc, run_dir = cfg.cache, Path(run_dir)
     info = init_distributed()
     device = info.device
@@ -176,7 +164,7 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(str(tokenizer_path)).to(device).eval()
     gpt = load_generator(generator_path, map_location=device).eval()
     check_generator_tokenizer(gpt, tokenizer, tokenizer_sha, generator_path)
-    continuous = gpt.kind == "dit"
+    continuous = is_continuous(gpt)
 
     dataset = ImageFolderDataset(cfg.data, train=False, seed=0, epoch=0)
     rows = select_images(len(dataset), cc.num_images, cc.seed)

@@ -1,5 +1,5 @@
-"""Stage `gen`: train the class-conditional AR generator on the main-trained tokenizer's token grids (SPEC A4, B3),
-or, for a continuous tokenizer, the DiT on its latents (issue 8; gen.generator: dit).
+"""Stage `gen`: train the class-conditional AR generator on the main-trained tokenizer's token grids (METHOD.md A4, B3),
+or, for a continuous tokenizer, the DiT on its latents (gen.generator: dit).
 
     deepspeed [--num_gpus N] tokpost_fast/train.py --stage gen --config configs/demo.yaml --run-dir DIR [--resume]
         [--generator dit]
@@ -32,23 +32,26 @@ from typing import Optional
 
 import torch
 
-from tokpost_fast.atomic import atomic_torch_save
-from tokpost_fast.models.generator import (build_generator, draw_orders, flow_loss, flow_pair, generator_config,
-                                           next_token_loss, order_generator, permute_tokens, random_ratio,
-                                           save_generator)
+from tokpost_fast.atomic import atomic_torch_save, file_sha256
+from tokpost_fast.data import build_loader
+from tokpost_fast.data.token_cache import token_dtype
+from tokpost_fast.images import save_image_grid
+from tokpost_fast.models.generator import (DiTSampling, SamplingSettings, build_generator, draw_orders, flow_loss,
+                                           flow_pair, generator_config, next_token_loss, order_generator,
+                                           permute_tokens, random_ratio, sample_images, save_generator)
 from tokpost_fast.models.generator.config import config_to_dict
-from tokpost_fast.training.engine import (EMA, NonFiniteGuard, all_reduce_sum, autocast, barrier, cosine_lr,
-                                        deepspeed_config, init_distributed, resolve_precision, seed_everything,
-                                        set_lr)
+from tokpost_fast.models.tokenizer import load_tokenizer
+from tokpost_fast.training.checkpoint import latest_checkpoint, load_checkpoint
+from tokpost_fast.training.engine import (EMA, NonFiniteGuard, all_reduce_sum, autocast, barrier, build_engine,
+                                          cosine_lr, deepspeed_config, fused_adamw, init_distributed,
+                                          resolve_precision, seed_everything, set_lr)
+from tokpost_fast.training.run_log import JsonlLog, progress_bar
+from tokpost_fast.training.runner import StageLoop
 
 log = logging.getLogger("tokpost_fast.train")
 
 
 # --- 1. token grids (or latents) --------------------------------------------------------------------------------
-def _token_dtype(codebook_size: int) -> torch.dtype:
-    return torch.int16 if codebook_size <= 2**15 else torch.int32   # ImageNet x 2 flips x 256: 1.3 GB as int16
-
-
 def _valid_cache(path: Path, tokenizer_hash: str, flip: bool) -> Optional[dict]:
     if not path.is_file():
         return None
@@ -66,7 +69,7 @@ def extract_tokens(cfg, run_dir: Path, tokenizer, tokenizer_hash: str, info, pre
     shared, as DeepSpeed's checkpoints already require)."""
     grid = tokenizer.grid_size
     return _extract(cfg, run_dir, tokenizer, tokenizer_hash, info, precision, jsonl, "tokens", tokenizer.encode,
-                    _token_dtype(tokenizer.codebook_size), (grid, grid))
+                    token_dtype(tokenizer.codebook_size), (grid, grid))
 
 
 @torch.no_grad()
@@ -80,9 +83,6 @@ def extract_latents(cfg, run_dir: Path, tokenizer, tokenizer_hash: str, info, pr
 
 
 def _extract(cfg, run_dir, tokenizer, tokenizer_hash, info, precision, jsonl, key, encode, dtype, row_shape):
-    from tokpost_fast.data import build_loader
-    from tokpost_fast.training.run_log import progress_bar
-
     gen = cfg.gen
     folder = Path(run_dir) / key
     path = folder / f"{key}.pt"
@@ -113,10 +113,13 @@ def _extract(cfg, run_dir, tokenizer, tokenizer_hash, info, precision, jsonl, ke
     if info.is_main:
         count, views = len(loader.dataset), 2 if gen.flip else 1
         tokens = torch.zeros(count, views, *row_shape, dtype=dtype)
+        # index_put has no uint16 kernel: token ids are written through an int16 view of the same bytes
+        writable = tokens.view(torch.int16) if dtype == torch.uint16 else tokens
         labels = torch.full((count,), -1, dtype=torch.long)
         for rank in range(info.world_size):
             part = torch.load(folder / f"part-rank{rank}.pt", map_location="cpu", weights_only=True)
-            tokens[part["indices"]], labels[part["indices"]] = part[key], part["labels"]
+            writable[part["indices"]] = part[key].view(writable.dtype)
+            labels[part["indices"]] = part["labels"]
         encoded = labels >= 0   # an unreadable image (data.on_bad_image="skip") is encoded by no rank: drop its row
         if not encoded.all():
             message = f"{key} extraction: {int((~encoded).sum())} unreadable images left out"
@@ -132,23 +135,7 @@ def _extract(cfg, run_dir, tokenizer, tokenizer_hash, info, precision, jsonl, ke
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-# --- 2. the optimizer and engine --------------------------------------------------------------------------------
-def fused_adamw(model: torch.nn.Module, lr: float, betas, weight_decay: float, device: torch.device):
-    """AdamW with decay on weight matrices only. apex FusedAdam when importable, torch's fused CUDA kernel on a
-    GPU, torch's multi-tensor (foreach) AdamW on the CPU (DeepSpeedCPUAdam would need a JIT C++ build)."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]   # not DiT's fixed pos_embed
-    decay = [p for n, p in trainable if p.ndim >= 2 and "emb" not in n]
-    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "emb" not in n)]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if device.type == "cuda":
-        try:
-            from apex.optimizers import FusedAdam
-            return "apex.FusedAdam", FusedAdam(groups, lr=lr, betas=tuple(betas), adam_w_mode=True)
-        except ImportError:
-            return "torch.AdamW(fused)", torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
-    return "torch.AdamW(foreach)", torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), foreach=True)
-
-
+# --- 2. the epoch order -----------------------------------------------------------------------------------------
 def _epoch_order(seed: int, epoch: int, count: int, views: int):
     """(permutation [N], flip choice [N]) of an epoch: a pure function of (seed, epoch), so resume replays it."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -156,14 +143,105 @@ def _epoch_order(seed: int, epoch: int, count: int, views: int):
 
 
 # --- 3. the stage -----------------------------------------------------------------------------------------------
+class GenLoop(StageLoop):
+    """The generator's step loop: one engine, the loss averaged over ranks per logged interval, EMA, sample grids;
+    the checkpoint and non-finite policy are StageLoop's, as in main and post."""
+
+    def __init__(self, gen, stage_dir: Path, data: tuple, gpt, optimizer, ema: Optional[EMA], tokenizer, model_cfg,
+                 anneal, sizes: tuple, precision: str, **loop):
+        super().__init__(**loop)
+        self.gen, self.stage_dir, (self.inputs, self.labels) = gen, stage_dir, data     # inputs [N, F, ...]
+        self.gpt, self.engine, self.optimizer, self.ema = gpt, self.engines["gpt"], optimizer, ema
+        self.tokenizer, self.model_cfg, self.anneal, self.precision = tokenizer, model_cfg, anneal, precision
+        self.micro, self.steps_per_epoch, self.total_steps, self.warmup = sizes
+        self.dit = gen.generator == "dit"
+
+    def loss(self, step: int, batch: torch.Tensor, batch_labels: torch.Tensor) -> torch.Tensor:
+        gen, gpt, device = self.gen, self.gpt, self.info.device
+        if self.dit:                                 # rectified flow on x0 = z * scaling_factor
+            x_t, t, target = flow_pair(batch.float(), time_sampling=self.model_cfg.time_sampling)
+            with autocast(device, self.precision):
+                velocity = self.engine(x_t, t, gpt.drop_labels(batch_labels, gen.label_drop))
+            return flow_loss(velocity, target)
+        tokens = batch.flatten(1).long()
+        extra, targets = (), tokens
+        ratio = random_ratio(step, *self.anneal) if self.anneal else 0.0
+        if ratio > 0:                                # RAR: some sequences in a random order
+            orders = draw_orders(self.micro, tokens.shape[1], ratio, order_generator(gen.seed, step, self.info.rank))
+            orders = orders.to(device, non_blocking=True)
+            extra, targets = (orders,), permute_tokens(tokens, orders)
+        with autocast(device, self.precision):
+            logits = self.engine(tokens, gpt.drop_labels(batch_labels, gen.label_drop), *extra)
+        return next_token_loss(logits, targets)
+
+    def train(self, stop_at: int, bar) -> None:
+        gen, info, micro = self.gen, self.info, self.micro
+        count, views = self.inputs.shape[:2]
+        order_epoch, order = -1, None
+        loss_sum, items_seen, t0 = torch.zeros(2, dtype=torch.float64), 0, time.perf_counter()
+        try:
+            with self.stop_on_non_finite():
+                while self.step < stop_at:
+                    step = self.step
+                    epoch, within = divmod(step, self.steps_per_epoch)
+                    if epoch != order_epoch:
+                        order_epoch, order = epoch, _epoch_order(gen.seed, epoch, count, views)
+                    rows = order[0][within * gen.global_batch_size:][info.rank * micro:(info.rank + 1) * micro]
+                    batch = self.inputs[rows, order[1][rows]].to(info.device, non_blocking=True)
+                    batch_labels = self.labels[rows].to(info.device, non_blocking=True)
+                    lr = cosine_lr(step, self.total_steps, self.warmup, gen.lr, gen.min_lr)
+                    set_lr(self.optimizer, lr)
+                    self.engine.train()
+                    loss = self.loss(step, batch, batch_labels)
+                    if self.guard.ok(loss):
+                        self.engine.backward(loss)
+                        self.engine.step()
+                        if self.ema is not None:
+                            self.ema.update(self.gpt)
+                        loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+                    self.step = step = step + 1
+                    items_seen += batch.shape[0] if self.dit else batch[0].numel() * batch.shape[0]
+                    bar.update(1)
+                    if step % gen.log_interval == 0 or step == stop_at:
+                        self.write_row(lr, loss_sum, items_seen, time.perf_counter() - t0, bar)
+                        loss_sum.zero_()
+                        items_seen, t0 = 0, time.perf_counter()
+                    self.checkpoint_if_due(final=step == stop_at)
+                    if (gen.sample_interval and step % gen.sample_interval == 0) or step == stop_at:
+                        self.sample_grid()
+        finally:
+            bar.close()
+        self.finish()
+
+    def write_row(self, lr: float, loss_sum: torch.Tensor, items_seen: int, elapsed: float, bar) -> None:
+        """Collective (the loss and throughput are summed over ranks)."""
+        totals = all_reduce_sum(torch.cat([loss_sum, torch.tensor([float(items_seen)], dtype=torch.float64)]))
+        step, anneal = self.step, self.anneal
+        row = {"step": step, "epoch": step / self.steps_per_epoch, "lr": lr, "nan_skipped": self.guard.skipped,
+               **({"random_ratio": random_ratio(step - 1, *anneal)} if anneal else {}),
+               "loss": float(totals[0] / max(totals[1], 1.0)),
+               ("images_per_s" if self.dit else "tokens_per_s"): float(totals[2]) / elapsed}
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        self.jsonl.write(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
+
+    def sample_grid(self) -> None:
+        if not self.info.is_main:
+            return
+        gen, device = self.gen, self.info.device
+        classes = torch.arange(min(gen.sample_classes, self.model_cfg.num_classes), device=device)
+        sampling = (DiTSampling(gen.sample_cfg_scale, gen.sample_steps) if self.dit else
+                    SamplingSettings(gen.sample_cfg_scale, gen.sample_cfg_power))
+        sampled = sample_images(self.gpt, self.tokenizer.to(device), classes.repeat_interleave(gen.sample_images),
+                                sampling, torch.Generator(device).manual_seed(gen.seed))
+        if not self.dit:
+            self.gpt.free_cache()
+        save_image_grid(self.stage_dir / "samples" / f"step-{self.step:08d}.png", sampled, nrow=gen.sample_images)
+
+
 def run(cfg, run_dir: Path, resume: bool = False) -> dict:
-    import deepspeed
-
-    from tokpost_fast.models.tokenizer import load_tokenizer
-    from tokpost_fast.sample import file_sha256, sample_images, save_image_grid
-    from tokpost_fast.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from tokpost_fast.training.run_log import JsonlLog, progress_bar
-
     gen, run_dir = cfg.gen, Path(run_dir)
     stage_dir = run_dir / "gen"
     info = init_distributed()
@@ -209,7 +287,7 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
     gpt = build_generator(model_cfg).to(info.device)
     opt_name, optimizer = fused_adamw(gpt, gen.lr, gen.betas, gen.weight_decay, info.device)
     ds_config = deepspeed_config(gen.deepspeed_config, micro, info.world_size, gen.zero_stage, gen.grad_clip)
-    engine, _, _, _ = deepspeed.initialize(model=gpt, optimizer=optimizer, config=ds_config)
+    engine = build_engine(gpt, optimizer, ds_config)
     ema = EMA(gpt, gen.ema_decay) if gen.ema_decay > 0 else None
     guard = NonFiniteGuard(gen.max_bad_steps, info.device)
     step = 0
@@ -231,86 +309,23 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
             jsonl.event(0, f"gen.rar_anneal_end={anneal[1]} is past the run's {total_steps} steps: it ends at "
                            f"r = {random_ratio(total_steps, *anneal):.3f}, not raster-only")
 
-    def state_dict() -> dict:
-        return {"step": step, "tokenizer_hash": tokenizer_hash, "guard": guard.state_dict(),
+    def state(at_step: int) -> dict:
+        return {"step": at_step, "tokenizer_hash": tokenizer_hash, "guard": guard.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None}
 
-    def sample_grid() -> None:
-        if not info.is_main:
-            return
-        classes = torch.arange(min(gen.sample_classes, model_cfg.num_classes), device=info.device)
-        settings = dict(steps=gen.sample_steps) if dit else dict(cfg_power=gen.sample_cfg_power)
-        sampled = sample_images(gpt, tokenizer.to(info.device), classes.repeat_interleave(gen.sample_images),
-                                cfg_scale=gen.sample_cfg_scale, **settings,
-                                generator=torch.Generator(info.device).manual_seed(gen.seed))
-        if not dit:
-            gpt.free_cache()
-        save_image_grid(sampled, stage_dir / "samples" / f"step-{step:08d}.png", nrow=gen.sample_images)
-
-    bar = progress_bar(stop_at, step, info.is_main, "gen")
-    order_epoch, order = -1, None
-    loss_sum, items_seen, t0 = torch.zeros(2, dtype=torch.float64), 0, time.perf_counter()
-    while step < stop_at:
-        epoch, within = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:
-            order_epoch, order = epoch, _epoch_order(gen.seed, epoch, count, views)
-        rows = order[0][within * gen.global_batch_size:][info.rank * micro:(info.rank + 1) * micro]
-        batch = inputs[rows, order[1][rows]].to(info.device, non_blocking=True)
-        batch_labels = labels[rows].to(info.device, non_blocking=True)
-        lr = cosine_lr(step, total_steps, warmup, gen.lr, gen.min_lr)
-        set_lr(optimizer, lr)
-        engine.train()
-        if dit:                                      # rectified flow on x0 = z * scaling_factor
-            x_t, t, target = flow_pair(batch.float(), time_sampling=model_cfg.time_sampling)
-            with autocast(info.device, precision):
-                velocity = engine(x_t, t, gpt.drop_labels(batch_labels, gen.label_drop))
-            loss = flow_loss(velocity, target)
-        else:
-            tokens = batch.flatten(1).long()
-            extra, targets = (), tokens
-            ratio = random_ratio(step, *anneal) if anneal else 0.0
-            if ratio > 0:                            # RAR: some sequences in a random order
-                orders = draw_orders(micro, tokens.shape[1], ratio, order_generator(gen.seed, step, info.rank))
-                orders = orders.to(info.device, non_blocking=True)
-                extra, targets = (orders,), permute_tokens(tokens, orders)
-            with autocast(info.device, precision):
-                logits = engine(tokens, gpt.drop_labels(batch_labels, gen.label_drop), *extra)
-            loss = next_token_loss(logits, targets)
-        if guard.ok(loss):
-            engine.backward(loss)
-            engine.step()
-            if ema is not None:
-                ema.update(gpt)
-            loss_sum += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
-        step += 1
-        items_seen += batch.shape[0] if dit else batch[0].numel() * batch.shape[0]
-        bar.update(1)
-        if step % gen.log_interval == 0 or step == stop_at:
-            totals = all_reduce_sum(torch.cat([loss_sum, torch.tensor([float(items_seen)], dtype=torch.float64)]))
-            elapsed = time.perf_counter() - t0
-            row = {"step": step, "epoch": step / steps_per_epoch, "lr": lr, "skipped": guard.skipped,
-                   **({"random_ratio": random_ratio(step - 1, *anneal)} if anneal else {}),
-                   "loss": float(totals[0] / max(totals[1], 1.0)),
-                   ("images_per_s" if dit else "tokens_per_s"): float(totals[2]) / elapsed}
-            grad_norm = engine.get_global_grad_norm()
-            if grad_norm is not None:
-                row["grad_norm"] = float(grad_norm)
-            jsonl.write(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
-            loss_sum.zero_()
-            items_seen, t0 = 0, time.perf_counter()
-        if step % gen.ckpt_interval == 0 or step == stop_at:
-            save_checkpoint(stage_dir, step, {"gpt": engine}, state_dict(), info, keep=gen.keep_checkpoints)
-        if (gen.sample_interval and step % gen.sample_interval == 0) or step == stop_at:
-            sample_grid()
-    bar.close()
+    loop = GenLoop(gen, stage_dir, (inputs, labels), gpt, optimizer, ema, tokenizer, model_cfg, anneal,
+                   (micro, steps_per_epoch, total_steps, warmup), precision, info=info, jsonl=jsonl, guard=guard,
+                   checkpoint_dir=stage_dir, engines={"gpt": engine}, state=state, ckpt_interval=gen.ckpt_interval,
+                   keep=gen.keep_checkpoints, step=step, resumed=checkpoint is not None)
+    loop.train(stop_at, progress_bar(stop_at, step, info.is_main, "gen"))
+    step = loop.step
 
     export = run_dir / "generator.pt"
     if info.is_main:
         final = ema.copy_to(build_generator(model_cfg)) if ema is not None else gpt
         save_generator(final, export, extra={"tokenizer_hash": tokenizer_hash, "step": step, "order": token_order,
                                              "gen_config": dataclasses.asdict(gen), "ema": ema is not None})
-        jsonl.write({"step": step, "event": "export", "path": str(export)})
+        jsonl.write({"step": step, "event": "exported", "path": str(export), "nan_skipped": guard.skipped})
     jsonl.close()
     barrier()
     return {"step": step, "generator": str(export), ("latents" if dit else "tokens"): count * views}

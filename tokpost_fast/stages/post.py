@@ -1,20 +1,20 @@
-"""Stage `post`: post-train the decoder on the cached generated token grids (SPEC A5.2).
+"""Stage `post`: post-train the decoder on the cached generated token grids (METHOD.md A5.2).
 
     deepspeed [--num_gpus N] tokpost_fast/train.py --stage post --config configs/demo.yaml --run-dir DIR [--resume]
         [--set post.input=reencode] [--set post.train_codebook=true]
     ... --set post.grids=clean --set post.name=control     (the control arm: the cache's clean grids, sigma = 1)
 
 The decoder learns to map each cached grid (DIR/cache, built by --stage cache) to its paired *real* image with the
-main stage's objective (the same GeneratorObjective and TokenizerLoss: MSE, LPIPS, adaptive-weight hinge GAN
+main stage's objective (the same AutoencoderObjective and TokenizerLoss: MSE, LPIPS, adaptive-weight hinge GAN
 against a freshly initialised discriminator from post.disc_start = 0 on, semantic term), as two DeepSpeed engines
 with EMA. Encoder and codebook are frozen (post.train_codebook unfreezes the codebook, as the official code
-leaves it; our default keeps it, since the generator's indices refer to it: SPEC A7); no latent perturbation.
+leaves it; our default keeps it, since the generator's indices refer to it: METHOD.md A7); no latent perturbation.
 
 post.input: "tokens" (default) looks the cached ids up in the codebook and decodes them, what the paper describes;
 "reencode" reproduces the official pipeline: decode the grid with the frozen main-stage tokenizer, round to 8 bits
 (its PNG files), re-encode with the frozen encoder, quantize, decode.
 
-Continuous tokenizer (issue 8: a KL tokenizer, a DiT generator, a latent cache built with cache.post_strength):
+Continuous tokenizer (a KL tokenizer, a DiT generator, a latent cache built with cache.post_strength):
 the cached `latents` are decoded with tokenizer.decode; encoder and quant_conv are frozen, and there is no codebook.
 "reencode" decodes them with the frozen tokenizer, rounds to 8 bits, and re-encodes to the posterior mean.
 
@@ -23,34 +23,36 @@ shard's own metadata, each row's image path): a mismatch is refused naming the s
 sample grids live in DIR/post/; the result is DIR/tokenizer_post.pt (EMA decoder; encoder and codebook copied
 bit-exact from DIR/tokenizer.pt), never written over DIR/tokenizer.pt. post.name renames both (DIR/<name>/,
 DIR/tokenizer_<name>.pt); post.grids=clean trains on the cache's ground-truth grids (latents) of the same images
-instead of the generated ones: the control arm, same recipe and steps, sigma = 1.
+instead of the generated ones: the control arm, same recipe and steps, sigma = 1. The loop (steps, log rows,
+checkpoints, the NaN guard) is the main stage's: training/runner.py's AutoencoderLoop.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from tokpost_fast.atomic import file_sha256
 from tokpost_fast.data import ImageFolderDataset
+from tokpost_fast.data.token_cache import (FORMAT, INDEX, LATENT_FORMAT, CacheMismatch, load_rows, read_index,
+                                           verify_cache)
+from tokpost_fast.images import save_image_grid
 from tokpost_fast.losses import build_tokenizer_loss
 from tokpost_fast.models.tokenizer import build_discriminator, load_tokenizer, save_tokenizer
 from tokpost_fast.perturb import step_seed
 from tokpost_fast.stages.cache import cache_settings, select_images
-from tokpost_fast.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tokpost_fast.training.engine import (EMA, NonFiniteGuard, autocast, barrier, build_engine, cosine_lr,
-                                        deepspeed_config, init_distributed, param_count, resolve_precision,
-                                        seed_everything, set_lr)
-from tokpost_fast.stages.main import GeneratorObjective, state_hash
-from tokpost_fast.config.post import INPUTS, PostStageConfig  # noqa: F401  (re-exported)
-from tokpost_fast.training.run_log import JsonlLog, StepTimer, progress_bar, save_image_grid
-from tokpost_fast.data.token_cache import (FORMAT, INDEX, LATENT_FORMAT, CacheMismatch, file_sha256, load_rows,
-                                             read_index, verify_cache)
+from tokpost_fast.training.autoencoder import AutoencoderObjective
+from tokpost_fast.training.checkpoint import latest_checkpoint, load_checkpoint, state_hash
+from tokpost_fast.training.engine import (EMA, NonFiniteGuard, adamw, autocast, barrier, build_engine, cosine_lr,
+                                          deepspeed_config, init_distributed, param_count, resolve_precision,
+                                          seed_everything)
+from tokpost_fast.training.run_log import JsonlLog, StepTimer, progress_bar
+from tokpost_fast.training.runner import AutoencoderLoop
 
 log = logging.getLogger("tokpost_fast.train")
 
@@ -62,7 +64,7 @@ def decode_inputs(tokenizer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return tokenizer.decode_codes(inputs)
 
 
-class PostObjective(GeneratorObjective):
+class PostObjective(AutoencoderObjective):
     """Main's objective with the decoder fed from the cache instead of the encoder: no perturbation, no
     codebook / commitment (or KL) terms in "tokens" mode (nothing upstream of the cached inputs trains)."""
 
@@ -153,6 +155,50 @@ def _epoch_batches(seed: int, epoch: int, count: int, global_batch: int, rank: i
             for s in range(skip, steps)]
 
 
+class PostLoop(AutoencoderLoop):
+    """Post-training's data (cache rows paired with their real images, a permutation per epoch), inputs (the
+    cached grids, re-encoded first when post.input = reencode) and sample grids (real / original decoder / this
+    one)."""
+
+    def __init__(self, cfg, stage_dir: Path, pairs: "PairedRows", original: nn.Module, **loop):
+        super().__init__(**loop)
+        self.cfg, self.pc, self.stage_dir, self.pairs, self.original = cfg, cfg.post, stage_dir, pairs, original
+        count = len(pairs)
+        self.shown = [i * count // min(self.pc.sample_images, count) for i in range(min(self.pc.sample_images, count))]
+
+    def batches(self, epoch: int, skip: int):
+        pc, info = self.pc, self.info
+        micro = pc.global_batch_size // info.world_size
+        rows = _epoch_batches(pc.seed, epoch, len(self.pairs), pc.global_batch_size, info.rank, micro, skip)
+        return torch.utils.data.DataLoader(self.pairs, batch_sampler=rows, num_workers=self.cfg.data.num_workers)
+
+    def forward(self, step: int, epoch: int, batch):
+        images, token_grid, _ = batch
+        images = images.to(self.device, non_blocking=True)
+        token_grid = token_grid.to(self.device, non_blocking=True)
+        torch.manual_seed(step_seed(self.pc.seed, step, self.info.rank, stream="post"))   # DiffAugment draws
+        source = None
+        if self.pc.input == "reencode":
+            with torch.no_grad():
+                source = to_8bit(decode_inputs(self.original, token_grid).float())
+        return (images, *self.ae(images, step, token_grid, source))
+
+    @torch.no_grad()
+    def sample_grid(self, name: str, model: nn.Module) -> None:
+        real = torch.stack([self.pairs[i][0] for i in self.shown]).to(self.device)
+        grids = self.pairs.inputs[self.shown].to(self.device)
+        was_training = model.training
+        model.eval()
+        with autocast(self.device, self.precision):
+            rows_out = [real, decode_inputs(self.original, grids), decode_inputs(model, grids)]
+        model.train(was_training)
+        rows_out = [r.detach().float().cpu() for r in rows_out]
+        save_image_grid(self.stage_dir / "samples" / name, torch.cat(rows_out), nrow=len(self.shown))
+
+    def sample(self, step: int, epoch: int) -> None:
+        self.sample_grid(f"step-{step:08d}.png", self.tokenizer)
+
+
 def run(cfg, run_dir: Path, resume: bool = False) -> dict:
     pc, run_dir = cfg.post, Path(run_dir)
     stage_dir = run_dir / pc.name
@@ -189,10 +235,10 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
     discriminator = build_discriminator(cfg.loss.disc_ndf, cfg.loss.disc_layers).to(device)
     objective = PostObjective(tokenizer, loss_fn, discriminator)
     ds_cfg = deepspeed_config(pc.deepspeed_config, micro, info.world_size, pc.zero_stage, pc.grad_clip)
-    ae, ae_opt = build_engine(objective, [p for p in objective.parameters() if p.requires_grad], pc.lr, pc.betas,
-                              pc.weight_decay, ds_cfg)
-    de, de_opt = build_engine(discriminator, discriminator.parameters(), pc.disc_lr, pc.betas,
-                              pc.disc_weight_decay, ds_cfg)
+    ae_opt = adamw([p for p in objective.parameters() if p.requires_grad], pc.lr, pc.betas, pc.weight_decay)
+    ae = build_engine(objective, ae_opt, ds_cfg)
+    de_opt = adamw(discriminator.parameters(), pc.disc_lr, pc.betas, pc.disc_weight_decay)
+    de = build_engine(discriminator, de_opt, ds_cfg)
     engines = {"decoder": ae, "discriminator": de}
     ema = EMA(tokenizer, pc.ema_decay)
     guard = NonFiniteGuard(pc.max_bad_steps, device)
@@ -221,88 +267,24 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
                      "params_discriminator": param_count(discriminator.parameters()), "precision": precision,
                      "cache_index_sha256": index_sha, "tokenizer_sha256": tokenizer_sha})
 
-    pairs = PairedRows(dataset, rows, pc.grids)
-    shown = [i * count // min(pc.sample_images, count) for i in range(min(pc.sample_images, count))]
+    def state(at_step: int) -> dict:
+        return {"step": at_step, "ema": ema.state_dict(), "lecam": loss_fn.lecam.state_dict(),
+                "guard": guard.state_dict(), "cache_index_sha256": index_sha}
 
-    @torch.no_grad()
-    def sample_grid(name: str, model) -> None:
-        real = torch.stack([pairs[i][0] for i in shown]).to(device)
-        grids = pairs.inputs[shown].to(device)
-        was_training = model.training
-        model.eval()
-        with autocast(device, precision):
-            rows_out = [real, decode_inputs(original, grids), decode_inputs(model, grids)]
-        model.train(was_training)
-        save_image_grid(stage_dir / "samples" / name, rows_out)
+    def schedule(at_step: int) -> tuple[float, float]:
+        return (cosine_lr(at_step, total_steps, warmup_steps, pc.lr, pc.min_lr),
+                cosine_lr(at_step, total_steps, warmup_steps, pc.disc_lr, disc_min_lr))
 
-    def save(at_step: int) -> None:
-        state = {"step": at_step, "ema": ema.state_dict(), "lecam": loss_fn.lecam.state_dict(),
-                 "guard": guard.state_dict(), "cache_index_sha256": index_sha}
-        save_checkpoint(stage_dir, at_step, engines, state, info, keep=pc.keep_checkpoints)
-
-    timer = StepTimer(device, sync=False)
-    bar = progress_bar(stop_step, step, info.is_main, desc=pc.name)
-    sums: dict[str, torch.Tensor] = {}
-    sums_n, images_seen, interval_t0 = 0, 0, time.perf_counter()
-    last_saved = step if checkpoint is not None else -1
-    ae.train()
-    de.train()
-    while step < stop_step:
-        epoch, within = divmod(step, steps_per_epoch)
-        batches = _epoch_batches(pc.seed, epoch, count, pc.global_batch_size, info.rank, micro, within)
-        loader = torch.utils.data.DataLoader(pairs, batch_sampler=batches, num_workers=cfg.data.num_workers)
-        for images, token_grid, _ in loader:
-            if step >= stop_step:
-                break
-            images, token_grid = images.to(device, non_blocking=True), token_grid.to(device, non_blocking=True)
-            torch.manual_seed(step_seed(pc.seed, step, info.rank, stream="post"))   # DiffAugment draws
-            lr = cosine_lr(step, total_steps, warmup_steps, pc.lr, pc.min_lr)
-            disc_lr = cosine_lr(step, total_steps, warmup_steps, pc.disc_lr, disc_min_lr)
-            with timer.phase("forward"), autocast(device, precision):
-                source = None
-                if pc.input == "reencode":
-                    with torch.no_grad():
-                        source = to_8bit(decode_inputs(original, token_grid).float())
-                loss, logs, recon, _ = ae(images, step, token_grid, source)
-            if guard.ok(loss):
-                with timer.phase("backward"):
-                    ae.backward(loss)
-                with timer.phase("optimizer"):
-                    set_lr(ae_opt, lr)
-                    ae.step()
-                    ema.update(tokenizer)
-                if loss_fn.gan_active(step):
-                    with timer.phase("disc"), autocast(device, precision):
-                        d_loss, d_logs = loss_fn.discriminator_loss(images, recon, step=step, discriminator=de)
-                        logs.update(d_logs)
-                    if guard.ok(d_loss):
-                        with timer.phase("disc"):
-                            de.backward(d_loss)
-                            set_lr(de_opt, disc_lr)
-                            de.step()
-                for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float()
-                sums_n += 1
-            timer.step_done()
-            step += 1
-            images_seen += images.shape[0] * info.world_size
-            bar.update(1)
-            if step % pc.log_interval == 0 or step == stop_step:
-                elapsed = time.perf_counter() - interval_t0
-                row = {"step": step, "epoch": epoch, "lr": lr, "disc_lr": disc_lr, "nan_skipped": guard.skipped,
-                       **{k: float(v) / max(1, sums_n) for k, v in sums.items()}, **timer.summary(),
-                       "img_per_s": images_seen / elapsed if elapsed > 0 else 0.0}
-                jsonl.write(row)
-                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", img_s=f"{row['img_per_s']:.1f}")
-                sums, sums_n, images_seen, interval_t0 = {}, 0, 0, time.perf_counter()
-            if info.is_main and pc.sample_interval and step % pc.sample_interval == 0:
-                sample_grid(f"step-{step:08d}.png", tokenizer)
-            if step % pc.ckpt_interval == 0:
-                save(step)
-                last_saved = step
-    bar.close()
-    if last_saved != step:
-        save(step)
+    loop = PostLoop(cfg, stage_dir, PairedRows(dataset, rows, pc.grids), original, info=info, jsonl=jsonl,
+                    guard=guard, checkpoint_dir=stage_dir, engines=engines, state=state,
+                    ckpt_interval=pc.ckpt_interval, keep=pc.keep_checkpoints, step=step,
+                    resumed=checkpoint is not None, precision=precision, tokenizer=tokenizer, loss_fn=loss_fn,
+                    ae=ae, ae_opt=ae_opt, de=de, de_opt=de_opt, ema=ema, timer=StepTimer(device, sync=False),
+                    bar=progress_bar(stop_step, step, info.is_main, desc=pc.name), schedule=schedule,
+                    steps_per_epoch=steps_per_epoch, stop_step=stop_step, log_interval=pc.log_interval,
+                    sample_interval=pc.sample_interval)
+    loop.train()
+    step = loop.step
 
     export = run_dir / f"tokenizer_{pc.name}.pt"
     content_hash = None
@@ -319,7 +301,7 @@ def run(cfg, run_dir: Path, resume: bool = False) -> dict:
                 "path": str(tokenizer_path.resolve()), "sha256": tokenizer_sha},
             "cache_index_sha256": index_sha, "post_config": dataclasses.asdict(pc),
             "generator_sha256": index["generator"]["sha256"]})
-        sample_grid("final.png", exported.to(device))
+        loop.sample_grid("final.png", exported.to(device))
         jsonl.write({"step": step, "event": "exported", "path": str(export), "content_hash": content_hash,
                      "nan_skipped": guard.skipped})
     jsonl.close()

@@ -7,13 +7,16 @@ Layout (one folder per checkpoint, the `latest` file written last):
     RUN/checkpoints/step-00000100/manifest.json            size + sha256 of every file above (rank 0, last)
     RUN/checkpoints/latest                                 "step-00000100"
 Everything is first written under step-00000100.tmp/ and renamed when complete, so a crash mid-save leaves the
-previous checkpoint (and `latest`) untouched. On resume the newest checkpoint whose files match its manifest is
+previous checkpoint (and `latest`) untouched: the folder-level form of tokpost_fast/atomic.py's temp-and-rename
+(DeepSpeed writes its own files into the folder, so the folder is what is renamed; the `latest` pointer and
+the manifest go through atomic.py). On resume the newest checkpoint whose files match its manifest is
 used; a damaged one (disk error, a file edited or truncated by hand) is reported by name and the previous one is
 tried, so --resume never loads a corrupt state.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -175,3 +178,15 @@ def load_checkpoint(path: Path, engines: Mapping[str, object], info: DistInfo) -
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
     # Every rank reads the small state itself (the run folder is shared, as DeepSpeed's own checkpoints need).
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def state_hash(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the tensors of a state dict in key order (name, dtype, bytes): names exported weights, and an
+    in-memory model where no file exists."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()

@@ -13,13 +13,17 @@ import json
 import logging
 import math
 import os
+import random
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+from tokpost_fast.data.folder import SKIPPED_IN_PROCESS
 
 log = logging.getLogger("tokpost_fast.train")
 
@@ -40,7 +44,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host right now: the rendezvous port of a launch."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -56,16 +61,32 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         if "RANK" not in os.environ:                     # plain `python train.py`: a 1-rank group of our own
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend)
+        barrier()                                        # every rank has mapped the others' all-reduce buffers
+        release_shm_buffer()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
+
+
+def shm_buffer_path() -> Path:
+    """The /dev/shm file of this rank's DeepSpeed CPU all-reduce workspace (deepspeed/ops/csrc/cpu/comm/shm.cpp)."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    return Path("/dev/shm") / name
+
+
+def release_shm_buffer() -> None:
+    """DeepSpeed never unlinks its per-rank shared-memory workspace (tens of MB), so every run left one file per
+    rank in /dev/shm until the machine's memory filled. Called once all ranks have mapped each other's: the name
+    goes, the mappings stay valid, and the memory is freed when the last process exits."""
+    shm_buffer_path().unlink(missing_ok=True)
 
 
 def barrier() -> None:
@@ -99,7 +120,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast over the forward pass with fp32 master weights, gradients and reductions (SPEC A1's "bf16
+    """bf16 autocast over the forward pass with fp32 master weights, gradients and reductions (METHOD.md A1's "bf16
     autocast"). DeepSpeed's own bf16 mode would store bf16 weights and need every loss network cast alike."""
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -126,18 +147,38 @@ def deepspeed_config(path: Union[str, Path], micro_batch: int, world_size: int, 
     return cfg
 
 
-def build_engine(module: torch.nn.Module, params: Iterable, lr: float, betas: tuple, weight_decay: float,
-                 ds_config: dict):
-    """DeepSpeed engine around `module` with torch AdamW as the client optimizer (it runs on CPU and GPU alike;
-    DeepSpeed's FusedAdam is GPU-only). Returns (engine, client optimizer): the LR is set on the latter's groups,
-    which ZeRO keeps as its own."""
+def adamw(params: Iterable, lr: float, betas: tuple, weight_decay: float) -> torch.optim.AdamW:
+    """torch AdamW over `params` (it runs on CPU and GPU alike; DeepSpeed's FusedAdam is GPU-only), with torch's
+    fused CUDA kernel when the parameters are on a GPU."""
+    params = list(params)
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused)
+
+
+def fused_adamw(model: torch.nn.Module, lr: float, betas, weight_decay: float, device: torch.device):
+    """-> (name, optimizer): AdamW with decay on weight matrices only (the generator's recipe). apex FusedAdam when
+    importable, torch's fused CUDA kernel on a GPU, torch's multi-tensor (foreach) AdamW on the CPU
+    (DeepSpeedCPUAdam would need a JIT C++ build)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]   # not DiT's fixed pos_embed
+    decay = [p for n, p in trainable if p.ndim >= 2 and "emb" not in n]
+    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "emb" not in n)]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if device.type == "cuda":
+        try:
+            from apex.optimizers import FusedAdam
+            return "apex.FusedAdam", FusedAdam(groups, lr=lr, betas=tuple(betas), adam_w_mode=True)
+        except ImportError:
+            return "torch.AdamW(fused)", torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
+    return "torch.AdamW(foreach)", torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), foreach=True)
+
+
+def build_engine(module: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
+    """DeepSpeed engine around `module` with `optimizer` (adamw / fused_adamw) as the client optimizer. The LR is
+    set on the client optimizer's groups (set_lr), which ZeRO keeps as its own."""
     import deepspeed
 
-    params = list(params)
-    fused = bool(params) and params[0].is_cuda             # torch's fused CUDA AdamW kernel on a GPU
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=copy.deepcopy(ds_config))
-    return engine, optimizer
+    return engine
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -227,10 +268,6 @@ class NonFiniteGuard:
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -242,8 +279,6 @@ def param_count(params: Optional[Iterable[torch.nn.Parameter]]) -> int:
 
 def unreadable_images_all_ranks() -> list[str]:
     """Sorted paths of the unreadable images any rank skipped so far (collective when distributed)."""
-    from tokpost_fast.data.folder import SKIPPED_IN_PROCESS
-
     mine = sorted(SKIPPED_IN_PROCESS)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return mine

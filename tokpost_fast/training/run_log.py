@@ -1,5 +1,6 @@
-"""What a stage reports while it runs: JSON-lines log, progress bar, per-phase step timing (with the quantizer
-timed through hooks on the tokenizer's quantizer module), codebook usage over a window, and sample grids."""
+"""What a stage reports while it runs: JSON-lines log, progress bar and per-phase step timing (with the quantizer
+timed through hooks on the tokenizer's quantizer module). Codebook usage is in training/codebook.py, sample grids
+are written by tokpost_fast/images.py."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from tokpost_fast.atomic import atomic_write_text
-from tokpost_fast.training.engine import all_reduce_sum
 
 log = logging.getLogger("tokpost_fast.train")
 
@@ -61,8 +62,6 @@ class JsonlLog:
 
 
 def progress_bar(total: int, initial: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True, smoothing=0.1)
 
 
@@ -129,53 +128,3 @@ class StepTimer:
         self.totals.clear()
         self.steps = 0
         return out
-
-
-class CodebookUsage:
-    """Code counts over the last `window` steps (all ranks): the fraction of the K codes used and the perplexity
-    exp(H(p)) of the code distribution. Counts stay on the indices' device (no sync per step)."""
-
-    def __init__(self, codebook_size: int, window: int):
-        self.K = codebook_size
-        self.window: collections.deque = collections.deque(maxlen=window)
-        self.counts: Optional[torch.Tensor] = None
-
-    def add(self, indices: torch.Tensor) -> None:
-        step_counts = torch.bincount(indices.detach().flatten(), minlength=self.K).double()
-        if self.counts is None:
-            self.counts = torch.zeros_like(step_counts)
-        if len(self.window) == self.window.maxlen:
-            self.counts -= self.window[0]
-        self.window.append(step_counts)
-        self.counts += step_counts
-
-    def summary(self, device: torch.device) -> dict:
-        """Collective (sums over ranks): every rank must call it, also one that has no counts yet."""
-        counts = self.counts.to(device) if self.counts is not None else torch.zeros(self.K, device=device,
-                                                                                     dtype=torch.float64)
-        counts = all_reduce_sum(counts.clone()).cpu()
-        total = counts.sum()
-        if total <= 0:
-            return {"codebook/used": 0.0, "codebook/perplexity": 0.0}
-        p = counts[counts > 0] / total
-        entropy = -(p * p.log()).sum()
-        return {"codebook/used": float((counts > 0).double().mean()), "codebook/perplexity": float(entropy.exp())}
-
-
-def save_image_grid(path: Path, rows: Sequence[torch.Tensor], pad: int = 2) -> None:
-    """rows: tensors [n, 3, H, W] in [-1, 1], one grid row each (e.g. inputs / reconstructions / perturbed)."""
-    from PIL import Image
-
-    n = max(r.shape[0] for r in rows)
-    H, W = rows[0].shape[-2:]
-    canvas = torch.ones(3, len(rows) * (H + pad) + pad, n * (W + pad) + pad)
-    for i, row in enumerate(rows):
-        for j, img in enumerate(row):
-            y, x = pad + i * (H + pad), pad + j * (W + pad)
-            canvas[:, y:y + H, x:x + W] = (img.detach().float().cpu().clamp(-1, 1) + 1) / 2
-    array = (canvas.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(array).save(tmp)
-    tmp.replace(path)

@@ -1,4 +1,4 @@
-"""The DiT generator (issue 8): facebookresearch/DiT's key layout and forward, the rectified-flow loss, the Euler
+"""The DiT generator: facebookresearch/DiT's key layout and forward, the rectified-flow loss, the Euler
 sampler with guidance, partial denoising, and checkpoints of both generator kinds.
 
 dit_reference.json is derived from facebookresearch/DiT's models.py (its "source" says how), never from our

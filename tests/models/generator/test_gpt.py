@@ -29,7 +29,7 @@ VARIANTS = [dict(cond=c, pos=p, mlp=m) for c, p, m in itertools.product(("token"
 
 @pytest.mark.parametrize("preset,expected", [("B", 261e6), ("L", 461e6)])
 def test_preset_parameter_counts_match_rar(preset, expected):
-    # RAR-B ~261M, RAR-L ~461M (SPEC A4) at RAR's K = 1024 codes and 1000 classes; built on the meta device, so
+    # RAR-B ~261M, RAR-L ~461M (METHOD.md A4) at RAR's K = 1024 codes and 1000 classes; built on the meta device, so
     # no memory is allocated. The presets are RAR's own layout (test_rar.py checks its keys).
     with torch.device("meta"):
         gpt = build_generator(generator_config(preset, vocab_size=1024, num_classes=1000))
@@ -162,7 +162,7 @@ def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="seq_len"):
         tiny_config(seq_len=15)                      # rope2d needs a square grid
     tiny_config(seq_len=15, pos="learned")
-    with pytest.raises(ValueError, match="unknown GeneratorConfig keys: \\['depht'\\]"):
+    with pytest.raises(ValueError, match="GeneratorConfig: unknown key 'depht'; did you mean depth"):
         GeneratorConfig.from_dict({"depht": 3})
     with pytest.raises(ValueError, match="unknown generator preset"):
         generator_config("XXL")

@@ -6,7 +6,8 @@ from PIL import Image
 
 from tokpost_fast.models.generator import build_generator, generator_config, save_generator
 from tokpost_fast.models.tokenizer import build_tokenizer, save_tokenizer, tokenizer_config
-from tokpost_fast.sample import file_sha256, main
+from tokpost_fast.atomic import file_sha256
+from tokpost_fast.sample import main
 
 
 @pytest.fixture(scope="module")

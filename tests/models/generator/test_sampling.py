@@ -1,5 +1,6 @@
 """Sampling: CFG schedule, top-k / top-p support, inverse-CDF correctness, KV cache vs recompute, and the
-teacher-forced post-training sampler (SPEC A5.1). Random behaviour is checked with fixed seeds and 5-sigma bounds."""
+teacher-forced post-training sampler (METHOD.md A5.1). Random behaviour is checked with fixed seeds and 5-sigma
+bounds."""
 
 import math
 

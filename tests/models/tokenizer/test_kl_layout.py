@@ -177,7 +177,7 @@ INSTALL = """
 import sys
 from pathlib import Path
 from tokpost_fast.config import ConfigError, load_config
-from tokpost_fast.models.tokenizer.external import install_tokenizer
+from tokpost_fast.train import install_tokenizer
 cfg = load_config(overrides=["data.image_size=16", "tokenizer.image_size=16"])
 run_dir = Path(sys.argv[1])
 for spec in sys.argv[2:]:

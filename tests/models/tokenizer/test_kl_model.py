@@ -1,5 +1,5 @@
 """KLTokenizer (docs/INTERFACES.md, "Continuous tokenizer"): shapes, the diagonal-Gaussian posterior and its KL,
-the Gaussian latent perturbation (our continuous analogue of SPEC A2), config checks and the checkpoint round
+the Gaussian latent perturbation (our continuous analogue of METHOD.md A2), config checks and the checkpoint round
 trip. Random behaviour is checked with fixed seeds and 5-sigma bounds."""
 
 import math

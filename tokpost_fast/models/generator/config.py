@@ -1,4 +1,4 @@
-"""Generator configurations and the size presets (SPEC A4).
+"""Generator configurations and the size presets (METHOD.md A4).
 
 Two kinds, told apart by the class attribute `kind` (saved as config["kind"]; files without one are "ar"):
 - "ar", GeneratorConfig: a class-conditional decoder-only transformer over the token grid, raster order at
@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
-from tokpost_fast.checks import field_check
+from tokpost_fast.checks import ConfigError, build_section, field_check
 
 ARCHS = ("gpt", "rar")
 CONDITIONINGS = ("token", "adaln")
@@ -31,16 +31,13 @@ ATTN_BACKENDS = ("auto", "flash", "sdpa", "math")
 
 
 def _strict_from_dict(cls, values: dict):
-    """cls(**values) for a generator config: "kind" must be cls.kind (or absent), any other unknown key is an
-    error naming it (checkpoints and YAML both come through here)."""
+    """A saved generator config (a checkpoint's "config"): "kind" must be cls.kind (or absent); the rest is built
+    strictly by tokpost_fast.checks.build_section (unknown keys and wrong types are a ConfigError naming them)."""
     values = dict(values)
     kind = values.pop("kind", cls.kind)
     if kind != cls.kind:
-        raise ValueError(f"{cls.__name__} is the {cls.kind!r} generator config; got kind {kind!r}")
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys: {unknown}")
-    return cls(**values)
+        raise ConfigError(f"{cls.__name__} is the {cls.kind!r} generator config; got kind {kind!r}")
+    return build_section(cls, values, cls.__name__)
 
 
 @dataclass
@@ -55,7 +52,7 @@ class GeneratorConfig:
     heads: int = 16
     mlp_ratio: float = 4.0
     dropout: float = 0.0            # residual and attention dropout (RAR trains with 0.1)
-    class_dropout: float = 0.1      # label dropout for classifier-free guidance (SPEC A4)
+    class_dropout: float = 0.1      # label dropout for classifier-free guidance (METHOD.md A4)
     cond: str = "adaln"             # "token": class embedding as the first token only (LlamaGen);
                                     # "adaln": first token + adaLN-zero modulation in every block (RAR)
     qk_norm: bool = True

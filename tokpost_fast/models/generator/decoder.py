@@ -18,6 +18,7 @@ from tokpost_fast.models.generator.attention import KVCache
 
 class TokenDecoder(nn.Module):
     kind = "ar"
+    is_continuous = False   # models token grids of a VQ tokenizer (tokpost_fast.models.is_continuous)
 
     @property
     def null_label(self) -> int:

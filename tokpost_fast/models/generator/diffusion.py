@@ -1,4 +1,4 @@
-"""Rectified flow for the DiT generator (issue 8): the training pair, the Euler sampler, and partial denoising for
+"""Rectified flow for the DiT generator: the training pair, the Euler sampler, and partial denoising for
 the continuous post-training set.
 
     x_t = (1 - t) x0 + t eps,   eps ~ N(0, I),   t in [0, 1]     (t = 0: data, t = 1: noise)
@@ -8,7 +8,7 @@ the continuous post-training set.
 Classifier-free guidance mixes the velocities, v = v_u + g (v_c - v_u), with the "no class" label for v_u; the two
 halves run as one doubled batch. x0 is the generator's latent, z * scaling_factor of the tokenizer.
 
-denoise_from(x0, strength s) is the diffusion analogue of the AR teacher forcing of SPEC A5.1 (our reading of the
+denoise_from(x0, strength s) is the diffusion analogue of the AR teacher forcing of METHOD.md A5.1 (our reading of the
 paper): noise the real latent to level s, x_s = (1 - s) x0 + s eps, and let the generator bring it back to t = 0.
 s = 0 returns x0 itself; s = 1 starts from pure noise and equals sample_dit with the same noise.
 """

@@ -1,4 +1,4 @@
-"""The class-conditional diffusion transformer over a continuous tokenizer's latent grid (issue 8), read top to
+"""The class-conditional diffusion transformer over a continuous tokenizer's latent grid, read top to
 bottom: embeddings, blocks, the model.
 
 Key layout and initialisation are facebookresearch/DiT's (models.py): x_embedder.proj, pos_embed (a fixed 2-D
@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from tokpost_fast.models.generator.attention import full_attention
 from tokpost_fast.models.generator.config import DiTConfig
+from tokpost_fast.models.generator.diffusion import flow_loss, flow_pair
+from tokpost_fast.models.tokenizer.state import load_state_dict_strict, read_state_dict
 
 TIME_SCALE = 1000.0          # t in [0, 1] -> DiT's timestep range [0, 1000)
 FREQUENCY_DIM = 256          # DiT's frequency_embedding_size
@@ -152,6 +154,7 @@ class FinalLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 class DiT(nn.Module):
     kind = "dit"
+    is_continuous = True    # models latents of a continuous tokenizer (tokpost_fast.models.is_continuous)
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -226,8 +229,6 @@ class DiT(nn.Module):
     def loss(self, x0, labels, label_drop: float | None = None, generator=None) -> torch.Tensor:
         """Rectified-flow loss on x0 = z * scaling_factor [B, C, h, w], with label dropout (default
         config.class_dropout); noise and times from `generator` (default: the global RNG)."""
-        from tokpost_fast.models.generator.diffusion import flow_loss, flow_pair
-
         self.check_labels(labels)
         p = self.config.class_dropout if label_drop is None else label_drop
         x_t, t, target = flow_pair(x0, generator, self.config.time_sampling)
@@ -243,8 +244,6 @@ def load_dit_weights(model: DiT, path: str | os.PathLike) -> DiT:
     DiT's train.py saves {"model", "ema", "opt", "args"} (its EMA is taken, as DiT's sample.py does). A missing,
     unexpected or mis-shaped key is a ValueError naming it. Build the model with the file's sizes (DiT-XL/2 at
     256 px: generator_config("dit_xl", learn_sigma=True)); remember the weights predict DDPM noise, not a flow."""
-    from tokpost_fast.models.tokenizer.state import load_state_dict_strict, read_state_dict
-
     state = read_state_dict(os.fspath(path), containers=("ema", "model"))
     state = {k.removeprefix("module."): v for k, v in state.items()}     # saved from a DDP wrapper
     load_state_dict_strict(model, state, what=f"DiT file {os.fspath(path)}")

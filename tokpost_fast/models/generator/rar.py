@@ -1,4 +1,4 @@
-"""RAR, the paper's generator (SPEC A4; Yu et al., "Randomized Autoregressive Visual Generation"), in
+"""RAR, the paper's generator (METHOD.md A4; Yu et al., "Randomized Autoregressive Visual Generation"), in
 bytedance/1d-tokenizer's parameter layout (modeling/rar.py) so that its released weights (rar_b.bin ...) load
 strictly. Read top to bottom: the randomized order and its anneal, the blocks, the model, released weights.
 
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from tokpost_fast.models.generator.config import GeneratorConfig
 from tokpost_fast.models.generator.decoder import TokenDecoder, init_rar_style
-from tokpost_fast.models.generator.gpt import Attention, load_state_strict, modulate
+from tokpost_fast.models.generator.gpt import Attention, modulate
+from tokpost_fast.models.tokenizer.state import load_state_dict_strict
 from tokpost_fast.perturb import anneal_ratio, step_seed
 
 # Rows beyond seq_len in RAR's position tables (its released files have them; only seq_len + 2 are ever read)
@@ -222,5 +223,6 @@ def load_rar_weights(source, map_location="cpu", **overrides) -> RAR:
     if isinstance(source, (str, os.PathLike)):
         state = torch.load(os.fspath(source), map_location="cpu", weights_only=True)
     model = RAR(rar_config_from_state(state, **overrides))
-    load_state_strict(model, state, source=os.fspath(source) if isinstance(source, (str, os.PathLike)) else "state")
+    source_name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "state"
+    load_state_dict_strict(model, state, what=f"{source_name} (generator)")
     return model.to(map_location).eval()

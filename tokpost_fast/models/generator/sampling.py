@@ -1,4 +1,4 @@
-"""Autoregressive sampling (SPEC A4) and teacher-forced sampling for the post-training set (SPEC A5.1).
+"""Autoregressive sampling (METHOD.md A4) and teacher-forced sampling for the post-training set (METHOD.md A5.1).
 
 One token per step in raster order, through the static KV cache, for either AR layout (GPT, or RAR in whatever
 order it was trained). Classifier-free guidance runs the conditional and the unconditional ("no class" label)
@@ -24,7 +24,7 @@ _MASK_SEED_MIX = 0x9E3779B97F4A7C15
 
 
 def cfg_schedule(step: int, seq_len: int, scale: float, power: float = 1.0) -> float:
-    """Guidance at step k of L: 1 at k = 0, `scale` at k = L (SPEC A4)."""
+    """Guidance at step k of L: 1 at k = 0, `scale` at k = L (METHOD.md A4)."""
     return 1.0 + (scale - 1.0) * (1.0 - math.cos(math.pi * (step / seq_len) ** power)) / 2.0
 
 
@@ -121,7 +121,7 @@ def draw_keep_mask(batch: int, seq_len: int, sigma: float, seed: int) -> torch.T
 
 def teacher_forced_sample(gpt: GPT, labels: torch.Tensor, gt_tokens: torch.Tensor, sigma: float, seed: int,
                           generator: torch.Generator | None = None, **sampling):
-    """SPEC A5.1: at step i take gt_tokens[:, i] where keep_mask[:, i] else the generator's sample; the chosen
+    """METHOD.md A5.1: at step i take gt_tokens[:, i] where keep_mask[:, i] else the generator's sample; the chosen
     token joins the context. labels: [B], gt_tokens: [B, seq_len] (or [B, h, w]) ->
     (tokens [B, seq_len] int64, keep_mask [B, seq_len] bool).
     The sampling stream is torch.Generator(device).manual_seed(seed) unless `generator` is given, so sigma = 0

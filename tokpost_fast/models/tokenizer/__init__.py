@@ -1,4 +1,4 @@
-"""Image tokenizers (SPEC A1): LlamaGen VQ-16 CNN and the paper's DINOv2 ViT, one VQTokenizer interface
+"""Image tokenizers (METHOD.md A1): LlamaGen VQ-16 CNN and the paper's DINOv2 ViT, one VQTokenizer interface
 (docs/INTERFACES.md, "Tokenizer"); the continuous KLTokenizer (SD-VAE layout, "Continuous tokenizer"); plus the
 PatchGAN discriminator the GAN loss trains against."""
 

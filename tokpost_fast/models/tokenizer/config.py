@@ -1,4 +1,4 @@
-"""Tokenizer configuration and the size presets (SPEC A1).
+"""Tokenizer configuration and the size presets (METHOD.md A1).
 
 Three architectures share one config:
 - "vq_cnn": LlamaGen's VQ-16 CNN (tokenizer/tokenizer_image/vq_model.py): conv encoder with ch * ch_mult channels,
@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from tokpost_fast.checks import field_check
+from tokpost_fast.checks import build_section, field_check
 
 ARCHS = ("vq_cnn", "vit", "kl_cnn")
 VQ_ARCHS = ("vq_cnn", "vit")
@@ -32,7 +32,7 @@ class TokenizerConfig:
     image_size: int = 64
     codebook_size: int = 1024           # K
     codebook_embed_dim: int = 16        # C, the quantizer's vector dim
-    codebook_l2_norm: bool = True       # cosine quantizer (SPEC A1); False = plain squared-L2 nearest code
+    codebook_l2_norm: bool = True       # cosine quantizer (METHOD.md A1); False = plain squared-L2 nearest code
     quantizer_backend: str = "auto"     # tokpost_fast.ops backend
     # vq_cnn (LlamaGen VQ-16 names)
     ch: int = 32
@@ -108,14 +108,16 @@ class TokenizerConfig:
             return self.image_size // 2 ** (len(self.block_out_channels) - 1)
         return math.isqrt(self.num_latent_tokens)
 
+    @property
+    def is_continuous(self) -> bool:
+        """A continuous (KL) tokenizer: latents, no codebook; its model says the same (models.is_continuous)."""
+        return self.arch not in VQ_ARCHS
+
     @classmethod
     def from_dict(cls, values: dict) -> "TokenizerConfig":
-        """Strict: an unknown key is an error naming it (checkpoints and YAML both come through here)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TokenizerConfig keys: {unknown}")
-        return cls(**values)
+        """A saved config (a checkpoint's "config"), strictly: unknown keys and wrong types are a ConfigError
+        naming them (tokpost_fast.checks.build_section, which also builds the run config's tokenizer section)."""
+        return build_section(cls, values, cls.__name__)
 
 
 TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
@@ -157,10 +159,10 @@ CODEBOOK_INITS = ("uniform", "kmeans")
 @dataclass
 class CodebookConfig:
     """Codebook health in main training (config section `codebook`, models/tokenizer/quantizer.py). Training-only:
-    the exported tokenizer does not depend on these fields. The defaults are the paper's quantizer (SPEC A1):
+    the exported tokenizer does not depend on these fields. The defaults are the paper's quantizer (METHOD.md A1):
     uniform init, no restarts; dead codes are still counted for the log."""
 
-    init: str = "uniform"          # "uniform": U(-1/K, 1/K), l2-normalised (SPEC A1); "kmeans": k-means centroids
+    init: str = "uniform"          # "uniform": U(-1/K, 1/K), l2-normalised (METHOD.md A1); "kmeans": k-means centroids
                                    # of the encoder outputs of the first training images (ops.kmeans)
     kmeans_images: int = 256       # training images (over all ranks) behind the k-means init; their tokens must
                                    # number >= K

@@ -1,4 +1,4 @@
-"""DINOv2 weights from a local file, for the ViT tokenizer's init and the frozen semantic teacher (SPEC A1).
+"""DINOv2 weights from a local file, for the ViT tokenizer's init and the frozen semantic teacher (METHOD.md A1).
 
 Accepted layouts (nothing is downloaded):
 - timm's `vit_{small,base,large}_patch14_dinov2.lvd142m` state dict (pytorch_model.bin / model.safetensors), and

@@ -7,7 +7,7 @@ Top-level names are diffusers' (encoder, decoder, quant_conv, post_quant_conv), 
 AutoencoderKL's. The posterior is diffusers' DiagonalGaussianDistribution (logvar clamped to [-30, 20]); its KL to
 N(0, I) is returned as a mean per latent element (docs/INTERFACES.md), not diffusers' sum per sample.
 
-The latent perturbation is our continuous analogue of SPEC A2 (which resamples codes of a VQ latent): Gaussian
+The latent perturbation is our continuous analogue of METHOD.md A2 (which resamples codes of a VQ latent): Gaussian
 noise added to the sampled latent of the first `perturb_samples` images, sigma relative to each image's own latent
 std (detached) so the encoder cannot make the perturbation negligible by scaling its latents up. Generators
 consume z * scaling_factor (SD's 0.18215 makes SD-VAE latents about unit variance).

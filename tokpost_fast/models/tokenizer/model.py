@@ -99,7 +99,7 @@ class VQTokenizer(AutoencoderParameterGroups, nn.Module):
         return self.decode(self.quantize.lookup(indices))
 
     def semantic_projection(self, features: torch.Tensor) -> torch.Tensor:
-        """The paper maps the DINOv2 class feature through quant_conv itself (SPEC A1): [B, W] -> [B, C]."""
+        """The paper maps the DINOv2 class feature through quant_conv itself (METHOD.md A1): [B, W] -> [B, C]."""
         if self.semantic_width is None or features.shape[-1] != self.semantic_width:
             raise ValueError(f"semantic_projection takes [B, {self.semantic_width}] features, "
                              f"got {tuple(features.shape)}")

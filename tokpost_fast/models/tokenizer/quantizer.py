@@ -1,4 +1,4 @@
-"""The vector-quantizer module: owns the codebook and calls the fused op (SPEC A1, A2); plus the codebook-health
+"""The vector-quantizer module: owns the codebook and calls the fused op (METHOD.md A1, A2); plus the codebook-health
 tools that training may switch on around it (config section `codebook`, all off by default for paper fidelity).
 
 # z [B, C, h, w] -> QuantizeOutput(z_q [B, C, h, w], indices [B, h, w], perturbed_indices [B, h, w], losses [])
@@ -38,7 +38,7 @@ class VectorQuantizer(nn.Module):
         self.codebook_size, self.codebook_dim = codebook_size, codebook_dim
         self.l2_norm, self.backend = l2_norm, backend
         self.embedding = nn.Embedding(codebook_size, codebook_dim)
-        # U(-1/K, 1/K) then l2-normalised (SPEC A1, as LlamaGen and RobusTok): the normalised rows keep the
+        # U(-1/K, 1/K) then l2-normalised (METHOD.md A1, as LlamaGen and RobusTok): the normalised rows keep the
         # codebook-loss gradient through F.normalize at a sane scale.
         with torch.no_grad():
             self.embedding.weight.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
@@ -59,7 +59,7 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: torch.Tensor, perturb_rate: float = 0.0, perturb_topk: int = 1,
                 perturb_samples: Optional[int] = None, seed: Optional[int] = None) -> QuantizeOutput:
         """codebook_loss = mean((code - sg(z))^2); commit_loss = mean((sg(code) - z)^2) *unweighted* (the op runs
-        with beta_commit=1): LossConfig.commit (0.25) weights it. Both use the clean codes (SPEC A2 step 4)."""
+        with beta_commit=1): LossConfig.commit (0.25) weights it. Both use the clean codes (METHOD.md A2 step 4)."""
         if z.dim() != 4 or z.shape[1] != self.codebook_dim:
             raise ValueError(f"z must be [B, {self.codebook_dim}, h, w], got {tuple(z.shape)}")
         z_last = z.permute(0, 2, 3, 1).contiguous()                                   # [B, h, w, C]
@@ -244,8 +244,9 @@ class DeadCodeTracker:
             self.latents = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])       # [B*h*w, C]
 
     @torch.no_grad()
-    def observe(self, indices: torch.Tensor) -> None:
-        """Collective. indices: this rank's clean code indices of the step (any shape)."""
+    def observe(self, indices: torch.Tensor) -> torch.Tensor:
+        """Collective. indices: this rank's clean code indices of the step (any shape). Returns the step's code
+        counts summed over ranks ([K] float64), for whoever else counts codes (the logged usage)."""
         counts = torch.bincount(indices.detach().reshape(-1), minlength=self.usage.numel())
         counts = _all_reduce(counts.to(self.usage))
         if self.steps == 0:
@@ -254,6 +255,7 @@ class DeadCodeTracker:
             self.usage.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
         self.below = torch.where(self.usage < self.threshold, self.below + 1, torch.zeros_like(self.below))
         self.steps += 1
+        return counts
 
     def dead(self) -> torch.Tensor:
         """[K] bool: below the threshold for `window` steps in a row."""

@@ -1,4 +1,4 @@
-"""The paper's ViT tokenizer (SPEC A1): DINOv2-style ViT encoder and decoder with learnable latent tokens.
+"""The paper's ViT tokenizer (METHOD.md A1): DINOv2-style ViT encoder and decoder with learnable latent tokens.
 
 Read from RobusTok's tokenizer/tokenizer_image/dino_enc/dinov2.py (DINOv2Encoder / DINOv2Decoder, the config's
 abs_pos_embed=true path) and bytedance 1d-tokenizer:

@@ -1,4 +1,5 @@
-"""The printed table of `python -m tokpost_fast.evaluate`. Proxy numbers say so in the header and in every row."""
+"""The printed table of `python -m tokpost_fast.evaluate` (metrics.json -> text). Proxy numbers say so in the header
+and in every row."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `eval` section of a run config (tokpost_fast.config.Config.eval): defaults for `python -m tokpost_fast.evaluate`.
+"""The `eval` section of a run config: defaults for `python -m tokpost_fast.evaluate` (tokpost_fast/metrics/).
 Command-line flags override it; every field is reported in DIR/metrics.json."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from tokpost_fast.checks import field_check
+from tokpost_fast.config.engine import PRECISIONS
 
 METRICS = ("rfid", "pfid", "gfid", "is", "prec", "rec", "kid")
 DEFAULT_METRICS = ("rfid", "pfid", "gfid", "is", "prec", "rec")
@@ -20,14 +21,14 @@ class EvalConfig:
     num: Optional[int] = None          # real images (the first N of the evaluation split); None: all of them
     num_generated: Optional[int] = None  # generator samples for gFID / IS / prec / rec; None: as many as real
     batch_size: int = 32
-    pfid_alpha: float = 1.0            # SPEC A7: the training values, reported next to every pFID
+    pfid_alpha: float = 1.0            # METHOD.md A7: the training values, reported next to every pFID
     pfid_delta: Optional[int] = None   # None: min(100, K)
     pfid_seed: int = 0
     # continuous (KL) tokenizers: the perturbed-latent FID, our analogue of pFID (metrics/latent_noise.py); the
     # sigma of the Gaussian added to every image's latent, relative to that latent's std (PerturbConfig.noise's
     # default, the main stage's training value)
     pfid_noise: float = 0.5
-    # generator sampling (SPEC A4): guidance scale g, schedule power p, temperature T
+    # generator sampling (METHOD.md A4): guidance scale g, schedule power p, temperature T
     cfg_scale: float = 1.0
     cfg_power: float = 1.0
     temperature: float = 1.0
@@ -62,7 +63,7 @@ class EvalConfig:
         check("pfid_noise", self.pfid_noise >= 0, "must be >= 0")
         check("sample_steps", self.sample_steps is None or self.sample_steps >= 1, "must be None or >= 1")
         check("extractor", self.extractor in ("inception", "proxy"), "must be inception or proxy")
-        check("feature_precision", self.feature_precision in ("auto", "fp32", "bf16"), "must be auto, fp32 or bf16")
+        check("feature_precision", self.feature_precision in PRECISIONS, "must be auto, fp32 or bf16")
         check("seeds", self.seeds >= 1, "must be >= 1")
         check("temperature", self.temperature >= 0, "must be >= 0")
         check("top_k", self.top_k >= 0, "must be >= 0")

@@ -25,25 +25,26 @@ from typing import Optional
 
 import torch
 
+from tokpost_fast.atomic import atomic_write_json, atomic_write_text, atomic_write_with
+from tokpost_fast.images import save_image_grid
+from tokpost_fast.metrics.codebook_usage import cache_usage, plot_usage, read_log, tokenizer_usage, usage_series
 from tokpost_fast.metrics.effects import effect_sentence, effects, summarize
+from tokpost_fast.metrics.pfid import CURVE_AXES
+from tokpost_fast.models.generator import decode_samples, load_generator
+from tokpost_fast.models.tokenizer import load_tokenizer
 
 NAMES = {"rfid": "rFID", "pfid": "pFID", "gfid": "gFID"}
 CONTINUOUS_NAMES = {**NAMES, "pfid": "perturbed-latent FID (our pFID analogue)"}
 ARMS = ("main", "control", "post")
 
 
-def is_continuous_run(cfg) -> bool:
-    return cfg.tokenizer.arch == "kl_cnn"
-
-
 def _rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of a stage's log.jsonl; none when the stage did not run."""
+    return read_log(path) if path.is_file() else []
 
 
 def plot_loss_curves(run_dir: Path, out: Path, arms: tuple[str, ...] = ("post", "control")) -> dict:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, no display needed
 
     logs = {"main": run_dir / "log.jsonl", "gen": run_dir / "gen" / "log.jsonl",
             **{arm: run_dir / arm / "log.jsonl" for arm in arms}}
@@ -63,15 +64,13 @@ def plot_loss_curves(run_dir: Path, out: Path, arms: tuple[str, ...] = ("post", 
         if rows:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out)
+    atomic_write_with(out, lambda tmp: fig.savefig(tmp, format="png"))
     return {k: {"first": v[0][1], "last": v[-1][1], "steps": v[-1][0]} for k, v in series.items()}
 
 
 def plot_pfid_curves(curves: dict[str, list[dict]], label: str, title: str, out: Path, x: str = "alpha") -> None:
     """curves: {arm: [{"x", "fid", ...}]} (the first checkpoint of each arm, first seed)."""
-    from matplotlib.figure import Figure
-
-    from tokpost_fast.metrics.pfid import CURVE_AXES
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, no display needed
 
     fig = Figure(figsize=(4.8, 3.4), dpi=120)
     ax = fig.subplots()
@@ -84,19 +83,13 @@ def plot_pfid_curves(curves: dict[str, list[dict]], label: str, title: str, out:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out)
+    atomic_write_with(out, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 @torch.no_grad()
 def sample_grids(run_dir: Path, arms: dict[str, str], seed: int, per_class: int = 6, max_classes: int = 8) -> dict:
     """The first evaluation seed's generated samples (RUN/eval/samples-seed<S>.pt: what gFID measured), decoded by
     each arm: samples_<arm>.png and samples_compare.png (per class one row per arm, in the order of `arms`)."""
-    from tokpost_fast.metrics.generation import decode_samples
-    from tokpost_fast.models.tokenizer import load_tokenizer
-    from tokpost_fast.sample import save_image_grid
-
-    from tokpost_fast.models.generator import load_generator
-
     codes = torch.load(run_dir / "eval" / f"samples-seed{seed}.pt", map_location="cpu", weights_only=False)["codes"]
     num_classes = load_generator(run_dir / "generator.pt").config.num_classes
     classes = min(max_classes, num_classes)
@@ -108,11 +101,11 @@ def sample_grids(run_dir: Path, arms: dict[str, str], seed: int, per_class: int 
     for arm, name in arms.items():
         images[arm] = decode_samples(load_tokenizer(str(run_dir / name)).eval(), codes[pick]).clamp(-1, 1)
         files[arm] = f"samples_{arm}.png"
-        save_image_grid(images[arm], run_dir / files[arm], nrow=per_class)
+        save_image_grid(run_dir / files[arm], images[arm], nrow=per_class)
     if len(pick) == classes * per_class:
         stacked = torch.stack([images[a].view(classes, per_class, *images[a].shape[1:]) for a in arms], dim=1)
         files["compare"] = "samples_compare.png"
-        save_image_grid(stacked.flatten(0, 2), run_dir / files["compare"], nrow=per_class)
+        save_image_grid(run_dir / files["compare"], stacked.flatten(0, 2), nrow=per_class)
     return {"classes": classes, "per_class": per_class, "seed": seed, "files": files, "order": list(arms)}
 
 
@@ -190,8 +183,6 @@ def versus_main(summary: dict, names: dict) -> str:
 def codebook_section(run_dir: Path, cfg) -> tuple[list[str], dict]:
     """VQ runs: the codebook usage of the main stage over training (codebook_usage.png), of the exported tokenizer
     on the held-out images, and of the cached generated grids against the clean grids of the same images."""
-    from tokpost_fast.metrics.codebook_usage import cache_usage, plot_usage, read_log, tokenizer_usage, usage_series
-
     K, numbers = cfg.tokenizer.codebook_size, {}
     md = ["## Codebook usage", ""]
     series = usage_series(read_log(run_dir / "log.jsonl")) if (run_dir / "log.jsonl").is_file() else {"step": []}
@@ -220,7 +211,7 @@ def write_report(run_dir: Path, cfg, timing: dict, ranks: int = 1, launcher: str
                  cores: Optional[int] = None, post_seeds: int = 1) -> dict:
     """timing: {stage: {"seconds", "cpu_seconds", "load_average", "load_average_max"}} of the stages run so far."""
     run_dir = Path(run_dir)
-    continuous = is_continuous_run(cfg)
+    continuous = cfg.tokenizer.is_continuous
     names = CONTINUOUS_NAMES if continuous else NAMES
     result = json.loads((run_dir / "eval" / "arms.json").read_text())
     proxy, label = result["proxy"], " (proxy)" if result["proxy"] else ""
@@ -316,6 +307,6 @@ def write_report(run_dir: Path, cfg, timing: dict, ranks: int = 1, launcher: str
               "launcher": launcher,
               "seconds": {name: t["seconds"] for name, t in timing.items()}, "timing": timing,
               "analysis": analysis, "eval_file": "eval/arms.json"}
-    (run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (run_dir / "report.md").write_text("\n".join(md))
+    atomic_write_json(run_dir / "report.json", report, indent=1)
+    atomic_write_text(run_dir / "report.md", "\n".join(md))
     return report
