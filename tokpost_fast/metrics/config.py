@@ -8,7 +8,7 @@ from typing import Optional
 
 from tokpost_fast.checks import field_check
 
-METRICS = ("rfid", "pfid", "gfid", "is", "prec", "rec", "kid")
+METRICS = ("rfid", "pfid", "gfid", "is", "prec", "rec", "kid", "ifid")
 DEFAULT_METRICS = ("rfid", "pfid", "gfid", "is", "prec", "rec")
 
 
@@ -27,6 +27,11 @@ class EvalConfig:
     # sigma of the Gaussian added to every image's latent, relative to that latent's std (PerturbConfig.noise's
     # default, the main stage's training value)
     pfid_noise: float = 0.5
+    # continuous tokenizers: iFID (metrics/ifid.py; arXiv 2603.05630): the neighbour's weight t, slerp or linear,
+    # cosine or l2 neighbours (the authors' script: slerp, 0.5, cosine)
+    ifid_t: float = 0.5
+    ifid_interpolation: str = "slerp"
+    ifid_distance: str = "cosine"
     # generator sampling (SPEC A4): guidance scale g, schedule power p, temperature T
     cfg_scale: float = 1.0
     cfg_power: float = 1.0

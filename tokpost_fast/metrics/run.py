@@ -313,6 +313,17 @@ def evaluate_run(run_dir, metrics: Optional[Iterable[str] | str] = None, num: Op
         if pfid_curve:
             points = ev.curve(features, curve_xs)
             extra["pfid_curve"] = {"points": points, "files": ev.save_curve(points)}
+    if "ifid" in wanted:
+        if ev.continuous:
+            from tokpost_fast.metrics.ifid import IFIDSettings, ifid_features
+
+            ifid = IFIDSettings(opts.ifid_t, opts.ifid_interpolation, opts.ifid_distance)
+            found = ifid_features(ev.tokenizer, ev.images, ev.extractor, ev.info, ifid, opts.num, opts.batch_size,
+                                  ev.device, progress=ev.progress)
+            values.update(ev.fid_kid(found["features"][ev.info.fid_layer], "interpolated decodes", "ifid"))
+            extra["ifid"] = {**ifid.as_dict(), "images": found["num"], "reference": "the measured images"}
+        else:
+            skipped["ifid"] = "iFID interpolates continuous latents; a VQ tokenizer's robustness metric is pFID"
 
     num_gen = 0
     sampling_used = ev.sampling()
