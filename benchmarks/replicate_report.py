@@ -219,7 +219,8 @@ def _study_section(stem: str, study: dict, folder: Path) -> list[str]:
              f"{study['train_seeds']} training seed(s) per member; {study['launcher']}, {study['ranks']} rank(s)). "
              f"Stage wall time of all members: {study['wall_s_stages'] / 60:.1f} min.", ""]
     first = study["members"][0]["evaluation"]
-    lines += [f"Metrics: {first['label'] or 'FID'} ({first['extractor']['name']}), held-out split: "
+    what = "PROXY features (a random conv net: NOT FID)" if first["proxy"] else "FID and KID"
+    lines += [f"Metrics: {what} ({first['extractor']['name']}), held-out split: "
               f"{first['num']['real']} images of the {first['split'].get('val_images')}-image val split "
               f"({first['split'].get('train_images')} train images, {first['split'].get('classes')} classes); "
               f"{first['num']['generated']} generated per seed; pFID setting {first['settings']['pfid']}.", ""]
@@ -246,6 +247,11 @@ def _study_section(stem: str, study: dict, folder: Path) -> list[str]:
     for metric, m in c2["metrics"].items():
         lines.append(f"| {LABELS[metric]} | {_fmt(m['spearman'], digits=3)} | {_fmt(m['p_spearman'], digits=2)} | "
                      f"{_fmt(m['kendall'], digits=3)} | {_fmt(m['p_kendall'], digits=2)} | {m['n']} |")
+    if "pfid_beats_rfid" in c2:
+        found = c2["metrics"]
+        lines += ["", f"pFID's Spearman rho with gFID ({found['pfid']['spearman']:+.2f}) is "
+                  f"{'above' if c2['pfid_beats_rfid'] else 'not above'} rFID's ({found['rfid']['spearman']:+.2f}); "
+                  f"the metric with the highest rho here: {LABELS[c2['best_by_spearman']]}."]
     n = len(c2["members"])
     lines += ["", f"With n = {n} members the smallest possible two-sided permutation p-value is "
               f"{2 / math.factorial(n):.2g}: these coefficients can show a direction, not a significant ranking "

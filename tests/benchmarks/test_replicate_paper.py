@@ -33,7 +33,7 @@ def test_rank_correlation_and_permutation_p():
 
 def test_plan_of_the_paper_size_config_and_bad_members(capsys):
     plan = replicate_paper.main(["--config", os.path.join(ROOT, "configs", "vq16.yaml"), "--plan"])
-    assert plan["kind"] == "vq" and plan["members"] == ["off", "paper", "half"]
+    assert plan["kind"] == "vq" and plan["members"] == ["off", "half", "paper"]
     out = capsys.readouterr().out
     assert "perturb.beta=0" in out and "cache -> post -> control" in out
     with pytest.raises(SystemExit, match="unknown"):
