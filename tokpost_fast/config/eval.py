@@ -9,7 +9,7 @@ from typing import Optional
 from tokpost_fast.checks import field_check
 from tokpost_fast.config.engine import PRECISIONS
 
-METRICS = ("rfid", "pfid", "gfid", "is", "prec", "rec", "kid")
+METRICS = ("rfid", "pfid", "gfid", "is", "prec", "rec", "kid", "ifid")
 DEFAULT_METRICS = ("rfid", "pfid", "gfid", "is", "prec", "rec")
 
 
@@ -28,6 +28,11 @@ class EvalConfig:
     # sigma of the Gaussian added to every image's latent, relative to that latent's std (PerturbConfig.noise's
     # default, the main stage's training value)
     pfid_noise: float = 0.5
+    # continuous tokenizers: iFID (metrics/ifid.py; arXiv 2603.05630): the neighbour's weight t, slerp or linear,
+    # cosine or l2 neighbours (the authors' script: slerp, 0.5, cosine)
+    ifid_t: float = 0.5
+    ifid_interpolation: str = "slerp"
+    ifid_distance: str = "cosine"
     # generator sampling (METHOD.md A4): guidance scale g, schedule power p, temperature T
     cfg_scale: float = 1.0
     cfg_power: float = 1.0
@@ -61,6 +66,9 @@ class EvalConfig:
         check("pfid_delta", self.pfid_delta is None or self.pfid_delta >= 1, "must be None or >= 1")
         check("pfid_seed", 0 <= self.pfid_seed < 2**63, "must be in [0, 2**63)")
         check("pfid_noise", self.pfid_noise >= 0, "must be >= 0")
+        check("ifid_t", 0.0 <= self.ifid_t <= 1.0, "must be in [0, 1]")
+        check("ifid_interpolation", self.ifid_interpolation in ("slerp", "linear"), "must be slerp or linear")
+        check("ifid_distance", self.ifid_distance in ("cosine", "l2"), "must be cosine or l2")
         check("sample_steps", self.sample_steps is None or self.sample_steps >= 1, "must be None or >= 1")
         check("extractor", self.extractor in ("inception", "proxy"), "must be inception or proxy")
         check("feature_precision", self.feature_precision in PRECISIONS, "must be auto, fp32 or bf16")

@@ -29,6 +29,7 @@ from tokpost_fast.atomic import file_sha256
 from tokpost_fast.config.eval import DEFAULT_METRICS, METRICS
 from tokpost_fast.metrics.evaluation import RunEvaluation, module_sha256
 from tokpost_fast.metrics.generation import generated_features, generative_values
+from tokpost_fast.metrics.ifid import IFIDSettings, ifid_features
 from tokpost_fast.metrics.latent_noise import PFID_CURVE_NOISES
 from tokpost_fast.metrics.pfid import CLEAN, PFID_CURVE_ALPHAS, write_json
 from tokpost_fast.models.generator import check_generator_fits, check_tokenizer_lineage, load_generator
@@ -108,6 +109,15 @@ def evaluate_run(run_dir, metrics: Optional[Iterable[str] | str] = None, num: Op
         if pfid_curve:
             points = ev.curve(features, curve_xs)
             extra["pfid_curve"] = {"points": points, "files": ev.save_curve(points)}
+    if "ifid" in wanted:
+        if ev.continuous:
+            ifid = IFIDSettings(opts.ifid_t, opts.ifid_interpolation, opts.ifid_distance)
+            found = ifid_features(ev.tokenizer, ev.images, ev.extractor, ev.info, ifid, opts.num, opts.batch_size,
+                                  ev.device, progress=ev.progress)
+            values.update(ev.fid_kid(found["features"][ev.info.fid_layer], "interpolated decodes", "ifid"))
+            extra["ifid"] = {**ifid.as_dict(), "images": found["num"], "reference": "the measured images"}
+        else:
+            skipped["ifid"] = "iFID interpolates continuous latents; a VQ tokenizer's robustness metric is pFID"
 
     num_gen = 0
     sampling_used = ev.sampling()
