@@ -118,7 +118,7 @@ def test_evaluate_reports_ifid_for_continuous_and_skips_vq(tmp_path):
                                          layers_per_block=1, latent_channels=4, norm_num_groups=8,
                                          scaling_factor=0.5)).eval()
     images = torch.rand(10, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
-    kwargs = dict(images=images, generator=False, progress=False, print_table=False, extractor="proxy")
+    kwargs = dict(images=images, generator=False, progress=False, extractor="proxy")
     result = evaluate_run(tmp_path, metrics="rfid,ifid", tokenizer=kl, out=tmp_path / "kl.json", **kwargs)
     values = result["values"]
     assert {"ifid_proxy", "ifid_kid_proxy", "ifid_kid_std_proxy", "rfid_proxy"} <= set(values)

@@ -26,6 +26,10 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from tokpost_fast.metrics.features import FeatureCollector, iter_image_batches
+from tokpost_fast.models import is_continuous
+from tokpost_fast.ops import nearest_codes
+
 INTERPOLATIONS = ("slerp", "linear")
 DISTANCES = ("cosine", "l2")
 SLERP_EPS = 1e-7
@@ -58,8 +62,6 @@ def nearest_neighbours(z: torch.Tensor, reference: Optional[torch.Tensor] = None
     """z [N, ...] -> [N] int64: the index of each row's nearest row of `reference` [M, ...] (same trailing shape),
     by the fused nearest_codes op. reference None: z itself, each row's own index excluded (with exact duplicates
     the lowest-index other copy)."""
-    from tokpost_fast.ops import nearest_codes
-
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
     flat = z.detach().reshape(z.shape[0], -1).float().contiguous()
@@ -139,9 +141,6 @@ def ifid_features(model, images, extractor, info, settings: IFIDSettings = IFIDS
     """Features {layer: [N, d]} of the decoded interpolations of a continuous tokenizer's latents of `images` (a
     tensor [N, 3, H, W] in [-1, 1] or an iterable of batches, as decode_features takes), and the neighbour record.
     All N latents are encoded first: every image's neighbour is searched among all of them."""
-    from tokpost_fast.metrics.features import FeatureCollector, iter_image_batches
-    from tokpost_fast.metrics.pfid import is_continuous
-
     if not is_continuous(model):
         raise ValueError(f"{type(model).__name__} is a VQ tokenizer: iFID interpolates continuous latents (a VQ "
                          "tokenizer's interpolated latent is no code; its robustness metric is pFID)")
