@@ -24,7 +24,6 @@ part of the extractor id, so real-image statistics cached at one precision are n
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from torch_fidelity.utils import create_feature_extractor
 
 from tokpost_fast.atomic import file_sha256
 from tokpost_fast.metrics.inception import BUNDLED_SHA1, build_bundled_fidelity_inception
+from tokpost_fast.training.checkpoint import state_hash
 
 INCEPTION_NAME = "inception-v3-compat"
 PROXY_NAME = "tokpost-proxy-v1"
@@ -114,11 +114,7 @@ class ProxyFeatureExtractor(FeatureExtractorBase):
         return (torch.rand([1, 3, 4, 4]) * 255).to(torch.uint8)
 
     def weights_sha256(self) -> str:
-        digest = hashlib.sha256()
-        for key, value in sorted(self.state_dict().items()):
-            digest.update(key.encode())
-            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        return state_hash(self.state_dict())
 
     def forward(self, x):
         if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
