@@ -3,7 +3,7 @@
     python benchmarks/replicate_paper.py --config configs/demo.yaml [--data ROOT] [--seeds N] [--train-seeds M]
         [--members off,half,paper,delta10] [--budget cpu-hour|config] [--runs-root runs/replicate] [--set key=value ...]
         [--launcher deepspeed|python|inprocess] [--extractor inception|proxy] [--out-dir benchmarks/results]
-        [--machine NAME] [--date YYYY-MM-DD] [--plan]
+        [--machine NAME] [--date YYYY-MM-DD] [--no-post] [--plan]
     python benchmarks/replicate_paper.py --config configs/demo_continuous.yaml     # the KL tokenizer + DiT family
     python benchmarks/replicate_paper.py --config configs/vq16.yaml --plan         # paper size: GPUs only
 
@@ -105,6 +105,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--machine", default=None, help="name in the output file (default cpu-<n>core / gpu-<n>x<name>)")
     p.add_argument("--date", default=None, help="date in the output file (default today, UTC)")
+    p.add_argument("--no-post", action="store_true",
+                   help="skip post-training and its control on every member (a later run without it adds them)")
     p.add_argument("--plan", action="store_true", help="resolve and check every member's config, print the plan, "
                                                         "run nothing")
     p.add_argument("--no-progress", action="store_true")
@@ -180,7 +182,8 @@ def build_plan(args, config: Path, data_root: Optional[Path]) -> tuple[str, list
             seeds = [f"train.seed={base.train.seed + k}", f"gen.seed={base.gen.seed + k}"] if k else []
             overrides = common + list(member.overrides) + seeds
             cfg = load_config(config, overrides)
-            stages = ["data", "main", "gen"] + (["cache", "post", "control"] if member.post else []) + ["evaluate"]
+            post = member.post and not args.no_post
+            stages = ["data", "main", "gen"] + (["cache", "post", "control"] if post else []) + ["evaluate"]
             if kind == "continuous":
                 stages.append("ifid")
             plans.append(Plan(member, member.name if k == 0 else f"{member.name}-t{k}", k, overrides, cfg, stages))
@@ -258,7 +261,8 @@ def run_member(plan: Plan, run_dir: Path, args, ranks: int) -> dict:
     extractor = args.extractor or plan.cfg.eval.extractor
     eval_settings = {"extractor": extractor, "seeds": plan.cfg.eval.seeds, "num": plan.cfg.eval.num,
                      "num_generated": plan.cfg.eval.num_generated}
-    arms = {arm: paths for arm, paths in arm_checkpoints(1).items() if plan.member.post or arm == "main"}
+    arms = {arm: paths for arm, paths in arm_checkpoints(1).items() if "post" in plan.stages or arm == "main"}
+    eval_settings["arms"] = sorted(arms)            # adding post-training later re-evaluates (reusing the draws)
     arm_names = {name: (arm, offset) for name, arm, offset in arm_stages(1)}
     torch.set_num_threads(1)
     for name in plan.stages:
@@ -296,7 +300,7 @@ def member_record(plan: Plan, run_dir: Path, state, arms: dict) -> dict:
     result = json.loads((run_dir / "eval" / "arms.json").read_text())
     ifid_path = run_dir / "eval" / "ifid.json"
     return {"id": plan.ident, "member": plan.member.name, "description": plan.member.description,
-            "train_seed": plan.train_seed, "overrides": plan.overrides, "post": plan.member.post,
+            "train_seed": plan.train_seed, "overrides": plan.overrides, "post": "post" in plan.stages,
             "run_dir": str(run_dir), "perturb": dataclasses.asdict(plan.cfg.perturb),
             "arms_files": arms, "summary": summarize(result["arms"]), "effects": effects(result["arms"]),
             "draws": {arm: [{k: rec[k] for k in ("sha256", "rfid", "pfid", "gfid")} for rec in records]

@@ -36,6 +36,9 @@ def test_plan_of_the_paper_size_config_and_bad_members(capsys):
     assert plan["kind"] == "vq" and plan["members"] == ["off", "half", "paper"]
     out = capsys.readouterr().out
     assert "perturb.beta=0" in out and "cache -> post -> control" in out
+    replicate_paper.main(["--config", os.path.join(ROOT, "configs", "demo_continuous.yaml"), "--plan", "--no-post"])
+    out = capsys.readouterr().out
+    assert "evaluate -> ifid" in out and "post" not in out.split("stages")[2].split(";")[0]
     with pytest.raises(SystemExit, match="unknown"):
         replicate_paper.main(["--config", os.path.join(ROOT, "configs", "demo.yaml"), "--plan", "--members", "nope"])
 
