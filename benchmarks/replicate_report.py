@@ -249,9 +249,11 @@ def _study_section(stem: str, study: dict, folder: Path) -> list[str]:
                      f"{_fmt(m['kendall'], digits=3)} | {_fmt(m['p_kendall'], digits=2)} | {m['n']} |")
     if "pfid_beats_rfid" in c2:
         found = c2["metrics"]
+        top = max(m["spearman"] for m in found.values())
         lines += ["", f"pFID's Spearman rho with gFID ({found['pfid']['spearman']:+.2f}) is "
                   f"{'above' if c2['pfid_beats_rfid'] else 'not above'} rFID's ({found['rfid']['spearman']:+.2f}); "
-                  f"the metric with the highest rho here: {LABELS[c2['best_by_spearman']]}."]
+                  f"the highest rho here: {', '.join(LABELS[m] for m in found if found[m]['spearman'] == top)}"
+                  f"{' (a tie)' if sum(found[m]['spearman'] == top for m in found) > 1 else ''}."]
     n = len(c2["members"])
     lines += ["", f"With n = {n} members the smallest possible two-sided permutation p-value is "
               f"{2 / math.factorial(n):.2g}: these coefficients can show a direction, not a significant ranking "
@@ -261,6 +263,8 @@ def _study_section(stem: str, study: dict, folder: Path) -> list[str]:
                      "arXiv 2603.05630 (tokpost_fast/metrics/ifid.py).")
     c3 = a["claim3"]
     lines += ["", "### Claim 3: post-training beats the same amount of clean decoder training", ""]
+    if not c3:
+        lines.append("Not run for this family (no member ran post-training: `--no-post`, or none has post=True).")
     if plot_arms(study, folder / f"arms-{stem}.png"):
         lines += [f"![main / control / post](arms-{stem}.png)", ""]
     from tokpost_fast.metrics.effects import effect_sentence
