@@ -49,8 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tokpost_fast.atomic import atomic_write_json  # noqa: E402
 from tokpost_fast.pipeline import (  # noqa: E402
-    LoadSampler, PipelineState, arm_checkpoints, arm_overrides, arm_stages, cpu_seconds, ensure_data,
-    heldout_images, pipeline_kind, run_training_stage,
+    LoadSampler, PipelineState, arm_checkpoints, arm_stages, check_counts, cpu_seconds, heldout_images, pipeline_kind,
+    run_job_stage,
 )
 
 
@@ -111,10 +111,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                                         "run nothing")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    for name in ("seeds", "train_seeds"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    check_counts(p, args, ("seeds", "train_seeds"))
     return args
 
 
@@ -271,22 +268,13 @@ def run_member(plan: Plan, run_dir: Path, args, ranks: int) -> dict:
             continue
         print(f"replicate: {plan.ident}: {name} ...", flush=True)
         t0, cpu0 = time.perf_counter(), cpu_seconds()
-        extra = {}
         with LoadSampler() as load:
-            if name == "data":
-                extra = ensure_data(Path(plan.cfg.data.root))
-            elif name in ("main", "gen", "cache"):
-                resume = name != "cache" and (run_dir / {"main": "checkpoints", "gen": "gen/checkpoints"}[name]
-                                              / "latest").is_file()
-                run_training_stage(name, config_path, run_dir, args.launcher, ranks, resume)
-            elif name in arm_names:
-                resume = (run_dir / name / "checkpoints" / "latest").is_file()
-                run_training_stage("post", config_path, run_dir, args.launcher, ranks, resume,
-                                   arm_overrides(plan.cfg, name, *arm_names[name]))
-            elif name == "evaluate":
+            extra = run_job_stage(name, plan.cfg, config_path, run_dir, args.launcher, ranks, arm_names,
+                                  Path(plan.cfg.data.root))
+            if extra is None and name == "evaluate":
                 extra = {**evaluate_member(plan, run_dir, arms, extractor, not args.no_progress),
                          "settings": eval_settings}
-            else:
+            elif extra is None:
                 extra = {**ifid_member(plan, run_dir, arms, extractor, not args.no_progress), "settings": eval_settings}
         state.record(name, time.perf_counter() - t0, cpu_seconds=round(cpu_seconds() - cpu0, 1), **load.record(),
                      **extra)

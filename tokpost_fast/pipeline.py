@@ -179,6 +179,24 @@ def run_training_stage(stage: str, config: Path, run_dir: Path, launcher: str, r
         raise SystemExit(f"pipeline: stage {stage} failed (exit {done.returncode}): {' '.join(cmd)}")
 
 
+def run_job_stage(name: str, cfg, config: Path, run_dir: Path, launcher: str, ranks: int, arms: dict,
+                  data_root: Path) -> Optional[dict]:
+    """Run `name` when it is the data stage, a training stage (main, gen, cache; main and gen resume from their
+    newest checkpoint) or a post-training arm of `arms` ({name: (arm, offset)}, from arm_stages): returns what the
+    stage adds to its pipeline.json record. None: `name` is none of these (evaluate, report), nothing ran."""
+    if name == "data":
+        return ensure_data(data_root)
+    if name in RESUMABLE or name == "cache":
+        resume = name in RESUMABLE and (run_dir / RESUMABLE[name] / "latest").is_file()
+        run_training_stage(name, config, run_dir, launcher, ranks, resume)
+        return {}
+    if name in arms:
+        resume = (run_dir / name / "checkpoints" / "latest").is_file()
+        run_training_stage("post", config, run_dir, launcher, ranks, resume, arm_overrides(cfg, name, *arms[name]))
+        return {}
+    return None
+
+
 def ensure_data(root: Path) -> dict:
     """The image folder; the embedded set (a folder named `embedded`) is built when missing (make data)."""
     if root.is_dir():
@@ -247,11 +265,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="the pt_inception-2015-12-05 weights file (adds IS); default: the bundled weights (no IS)")
     p.add_argument("--fresh", action="store_true", help="delete RUN_DIR first")
     args = p.parse_args(argv)
-    for name in ("seeds", "post_seeds"):
+    check_counts(p, args, ("seeds", "post_seeds"))
+    return args
+
+
+def check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace, names: Sequence[str]) -> None:
+    """Refuse a count flag (--seeds, ...) below 1 with argparse's one-line usage error; None means "the config's"."""
+    for name in names:
         value = getattr(args, name)
         if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    return args
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 class LoadSampler:
@@ -315,20 +338,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             continue
         print(f"pipeline: {name} ...", flush=True)
         t0, cpu0 = time.perf_counter(), cpu_seconds()
-        extra = {}
         with LoadSampler() as load:
-            if name == "data":
-                extra = ensure_data(data_root)
-            elif name in RESUMABLE or name == "cache":
-                resume = name in RESUMABLE and (run_dir / RESUMABLE[name] / "latest").is_file()
-                run_training_stage(name, config_path, run_dir, args.launcher, ranks, resume)
-            elif name in arms:
-                resume = (run_dir / name / "checkpoints" / "latest").is_file()
-                run_training_stage("post", config_path, run_dir, args.launcher, ranks, resume,
-                                   arm_overrides(cfg, name, *arms[name]))
-            elif name == "evaluate":
+            extra = run_job_stage(name, cfg, config_path, run_dir, args.launcher, ranks, arms, data_root)
+            if extra is None and name == "evaluate":
                 extra = {"effects": run_evaluate(cfg, run_dir, eval_settings), "settings": eval_settings}
-            else:
+            elif extra is None:
+                extra = {}
                 results = write_report(run_dir, cfg, state.timing(), ranks=ranks, launcher=args.launcher,
                                        cores=os.cpu_count(), post_seeds=args.post_seeds)
         # CPU seconds (this process and its stage processes) and the load average tell a slow stage on a busy
